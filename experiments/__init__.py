@@ -1,0 +1,1 @@
+"""Entry points of satm-jax: ``python -m experiments.run`` and friends."""

@@ -1,0 +1,203 @@
+r"""Condense a dataset with MTT and SATM, evaluate, and print one table.
+
+With no flags it runs the whole pipeline on scikit-learn's digits (embedded, no download):
+experts, then MTT and SATM at IPC 1 and 10, then evaluation against random real images and the
+full training set (about 5 minutes on 2 CPU cores)::
+
+    python -m experiments.run
+
+Other datasets read their official files from ``--data_dir`` (see ``satm_jax.data``)::
+
+    python -m experiments.run --dataset=fashion_mnist --ipc=1 --preset=cpu
+    python -m experiments.run --dataset=cifar10 --ipc=10 --method=satm --data_dir=~/data
+
+Any preset field can be overridden by a flag (``--lr_img=1000 --syn_steps=30 ...``); results go
+to ``<workdir>/results.json``, ``results.md`` and ``runs/*/``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from satm_jax import configs as configs_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("dataset", "digits", "Dataset name (satm_jax.data.DATASETS).")
+flags.DEFINE_list(
+    "ipc", None, "Images per class, comma-separated (default: 1,10 on digits, else 1)."
+)
+flags.DEFINE_list("method", ["mtt", "satm"], "Methods to run: mtt, satm (comma-separated).")
+flags.DEFINE_string("workdir", "./workdir", "Output folder (experts, runs, results).")
+flags.DEFINE_string("data_dir", None, "Folder holding the dataset's official files.")
+flags.DEFINE_enum(
+    "preset",
+    "auto",
+    list(configs_lib.PRESETS),
+    "Hyperparameter preset: default (digits), paper (published), cpu (reduced).",
+)
+flags.DEFINE_bool("baselines", True, "Also evaluate random real images and the full training set.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_string(
+    "dsa_strategy",
+    None,
+    "DSA families everywhere, e.g. color_crop_cutout_flip_scale_rotate or none.",
+)
+
+_INT = [
+    "width",
+    "depth",
+    "num_experts",
+    "expert_train_epochs",
+    "expert_batch_size",
+    "expert_parallel",
+    "expert_seed",
+    "iterations",
+    "syn_steps",
+    "expert_epochs",
+    "min_start_epoch",
+    "max_start_epoch",
+    "max_start_epoch_final",
+    "batch_syn",
+    "truncate",
+    "steps_per_call",
+    "seed",
+    "eval_epochs",
+    "num_eval",
+    "eval_batch_size",
+    "eval_every",
+    "checkpoint_every",
+    "full_epochs",
+]
+_FLOAT = [
+    "expert_lr",
+    "lr_img",
+    "lr_lr",
+    "lr_teacher",
+    "rho",
+    "sigma",
+    "gsam_alpha",
+    "asam_eta",
+    "lr_label",
+    "ema_decay",
+]
+_BOOL = ["zca", "reuse_trajectory", "soft_labels", "remat"]
+_STR = {
+    "model": None,
+    "norm": ["instancenorm", "batchnorm", "none"],
+    "conv_impl": ["auto", "patches", "lax"],
+    "lr_update": ["backprop", "first_order", "fixed"],
+    "hypergrad": ["exact", "truncated"],
+    "sharpness": ["none", "sam", "asam", "gsam", "smooth_sam"],
+}
+
+for _n in _INT:
+    flags.DEFINE_integer(
+        _n,
+        None,
+        f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
+    )
+for _n in _FLOAT:
+    flags.DEFINE_float(
+        _n,
+        None,
+        f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
+    )
+for _n in _BOOL:
+    flags.DEFINE_bool(
+        _n,
+        None,
+        f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
+    )
+for _n, _choices in _STR.items():
+    if _choices:
+        flags.DEFINE_enum(
+            _n,
+            None,
+            _choices,
+            f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
+        )
+    else:
+        flags.DEFINE_string(
+            _n,
+            None,
+            f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
+        )
+flags.DEFINE_list(
+    "eval_models",
+    None,
+    "Networks the final set is evaluated on, e.g. convnet,resnet18,vgg11,alexnet.",
+)
+
+
+def overrides_from_flags() -> dict:
+    names = _INT + _FLOAT + _BOOL + list(_STR) + ["dsa_strategy", "eval_models"]
+    return {n: FLAGS[n].value for n in names if FLAGS[n].value is not None}
+
+
+def build_configs(
+    dataset: str,
+    ipcs: list[int],
+    methods: list[str],
+    preset: str,
+    overrides: dict,
+    data_dir: str | None,
+) -> list[configs_lib.RunConfig]:
+    """One RunConfig per (ipc, method); raises ConfigError/DatasetError on bad names."""
+    from satm_jax import data as data_lib
+
+    data_lib.check_dataset_name(dataset)
+    for m in methods:
+        if m not in configs_lib.METHODS:
+            raise configs_lib.ConfigError(
+                f"unknown method {m!r}; choose from {configs_lib.METHODS}"
+            )
+    return [
+        configs_lib.make_run_config(dataset, ipc, m, preset, overrides, data_dir)
+        for ipc in ipcs
+        for m in methods
+    ]
+
+
+def parse_ipcs(values: list[str] | None, dataset: str) -> list[int]:
+    if values is None:
+        return [1, 10] if dataset == "digits" else [1]
+    out = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise configs_lib.ConfigError(f"--ipc takes integers, got {v!r}") from None
+    bad = [i for i in out if i < 1]
+    if bad:
+        raise configs_lib.ConfigError(f"--ipc must be >= 1, got {bad}")
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from satm_jax import data as data_lib
+    from satm_jax import pipeline
+    from satm_jax.checkpoint import CheckpointError
+    from satm_jax.experts import ExpertError
+
+    try:
+        ipcs = parse_ipcs(FLAGS.ipc, FLAGS.dataset)
+        cfgs = build_configs(
+            FLAGS.dataset, ipcs, FLAGS.method, FLAGS.preset, overrides_from_flags(), FLAGS.data_dir
+        )
+        pipeline.train_and_evaluate(
+            cfgs, FLAGS.workdir, baselines=FLAGS.baselines, progress=FLAGS.progress
+        )
+    except (configs_lib.ConfigError, data_lib.DatasetError, ExpertError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,63 @@
+"""satm-jax: dataset condensation by Sharpness-Aware Trajectory Matching, in JAX.
+
+The modules, one idea each:
+
+* ``models``: MTT's ConvNet (and the evaluation pool), convolution chosen per backend;
+* ``augment``: differentiable siamese augmentation (DSA);
+* ``zca``: ZCA whitening as the reference computes it;
+* ``data``: datasets by name, preprocessing;
+* ``experts``: expert trajectories: training, orbax storage, sampling;
+* ``matching``: the student unroll (``lax.scan``), the matching loss, exact and truncated
+  hypergradients;
+* ``sharpness``: SAM, ASAM, GSAM and smoothed SAM as Optax transforms;
+* ``distill``: the jit-compiled outer step and loop;
+* ``evaluate``: training fresh networks on a synthetic set;
+* ``configs``/``pipeline``: presets and the end-to-end experiment.
+"""
+
+from satm_jax import augment, data, distill, evaluate, experts, matching, models, sharpness, zca
+from satm_jax.augment import make_augment
+from satm_jax.data import load_dataset
+from satm_jax.distill import DistillConfig, DistillState, init_state, make_outer_step
+from satm_jax.matching import (
+    StudentBatches,
+    first_order_lr_grad,
+    matching_loss,
+    sample_student_batches,
+    unroll,
+)
+from satm_jax.models import ConvNet
+from satm_jax.outputs import load_distilled
+from satm_jax.sharpness import asam, gsam, make_sharpness, sam, smooth_sam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvNet",
+    "DistillConfig",
+    "DistillState",
+    "StudentBatches",
+    "asam",
+    "augment",
+    "data",
+    "distill",
+    "evaluate",
+    "experts",
+    "first_order_lr_grad",
+    "gsam",
+    "init_state",
+    "load_dataset",
+    "load_distilled",
+    "make_augment",
+    "make_outer_step",
+    "make_sharpness",
+    "matching",
+    "matching_loss",
+    "models",
+    "sam",
+    "sample_student_batches",
+    "sharpness",
+    "smooth_sam",
+    "unroll",
+    "zca",
+]

@@ -1,0 +1,168 @@
+"""Checkpoints of the distillation state with orbax-checkpoint: atomic, last two kept.
+
+The state (a ``DistillState`` NamedTuple with Optax states inside) is saved as a flat dict of
+arrays keyed by its pytree paths, and restored into the structure of a freshly initialised
+state, so any field layout round-trips exactly. orbax writes each step to a temporary folder
+and renames it when complete, so a process killed mid-save leaves the previous checkpoints
+intact. If the newest checkpoint cannot be read, the previous one is used and the fallback is
+reported.
+
+Each checkpoint folder also records the run's configuration; resuming under a different
+configuration (other than the number of iterations and the evaluation/checkpoint cadence) is
+refused with the list of differences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from satm_jax.configs import ConfigError
+
+# Changing these does not change what a resumed run computes.
+_RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint although some exist."""
+
+
+def _flatten(tree: Any) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def _unflatten(flat: dict[str, Any], like: Any) -> Any:
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    out = []
+    for path, leaf in paths_leaves:
+        k = jax.tree_util.keystr(path)
+        if k not in flat:
+            raise CheckpointError(f"checkpoint lacks {k}")
+        v = np.asarray(flat[k])
+        if v.shape != np.shape(leaf) or v.dtype != np.asarray(leaf).dtype:
+            raise CheckpointError(
+                f"checkpoint field {k} has {v.dtype}{v.shape}, expected "
+                f"{np.asarray(leaf).dtype}{np.shape(leaf)}"
+            )
+        out.append(jax.numpy.asarray(v))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    c = json.loads(json.dumps(cfg))
+    for k in _RESUMABLE_CHANGES:
+        c.pop(k, None)
+        c.get("distill", {}).pop(k, None)
+    return c
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r}, now {b!r}"]
+
+
+class DistillCheckpointer:
+    """Saves and restores a run's ``DistillState`` under ``directory``.
+
+    Args:
+      directory: checkpoint folder (created).
+      config: the run's configuration (JSON-like), stored alongside and checked on resume.
+      max_to_keep: checkpoints kept (oldest deleted first).
+    """
+
+    def __init__(self, directory: str, config: dict[str, Any], max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(directory)
+        self.config = config
+        os.makedirs(self.directory, exist_ok=True)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+            ),
+        )
+        self._check_config()
+
+    def _config_path(self) -> str:
+        return os.path.join(self.directory, "run_config.json")
+
+    def _check_config(self) -> None:
+        path = self._config_path()
+        if os.path.exists(path) and self.manager.all_steps():
+            try:
+                with open(path) as f:
+                    stored = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                stored = None
+            if stored is not None:
+                diffs = _diff(_comparable(stored), _comparable(self.config))
+                if diffs:
+                    raise ConfigError(
+                        f"{self.directory} holds checkpoints of a run with another "
+                        "configuration:\n  " + "\n  ".join(diffs[:20]) + "\nUse another "
+                        "--workdir, or delete that run folder to start over."
+                    )
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.config, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, state: Any) -> None:
+        """Checkpoints ``state`` at ``state.iteration`` (no-op if that step exists)."""
+        step = int(state.iteration)
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=self._ocp.args.PyTreeSave(_flatten(state)))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like: Any) -> Any:
+        flat_like = _flatten(like)
+        item = {k: np.zeros(v.shape, v.dtype) for k, v in flat_like.items()}
+        restored = self.manager.restore(step, args=self._ocp.args.PyTreeRestore(item=item))
+        return _unflatten(restored, like)
+
+    def restore_latest(self, like: Any, log: Callable[[str], None] = print) -> Any:
+        """The newest readable checkpoint restored into ``like``'s structure, else ``like``.
+
+        Raises:
+          CheckpointError: checkpoints exist but none can be read.
+        """
+        steps = self.steps()
+        if not steps:
+            return like
+        errors = []
+        for i, step in enumerate(reversed(steps)):
+            try:
+                state = self.restore(step, like)
+            except Exception as e:  # orbax raises many types for damaged files
+                errors.append(f"step {step}: {type(e).__name__}: {e}")
+                log(
+                    f"checkpoint at iteration {step} in {self.directory} is unreadable "
+                    f"({type(e).__name__}); falling back to the previous one"
+                )
+                continue
+            if i > 0:
+                log(f"resuming from iteration {step} (the newer checkpoint was corrupt)")
+            else:
+                log(f"resuming from iteration {step} ({self.directory})")
+            return state
+        raise CheckpointError(
+            f"no readable checkpoint in {self.directory}:\n  "
+            + "\n  ".join(errors)
+            + "\nDelete that folder to start the run over."
+        )

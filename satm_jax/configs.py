@@ -1,0 +1,435 @@
+"""Experiment configurations as Python dataclasses, and the published presets.
+
+A ``RunConfig`` fixes everything one condensation run needs: dataset, IPC, method (``mtt`` or
+``satm``), the network, the preprocessing, the experts, the outer loop and the evaluation
+protocol. ``make_run_config(dataset, ipc, method, preset, overrides)`` starts from the preset
+for ``(dataset, ipc)`` and applies flat overrides (``{"lr_img": 1000, "width": 64}``); the
+flag names are listed in ``OVERRIDES``.
+
+Presets:
+
+* ``default`` (digits only): the embedded demo, tuned to finish the whole pipeline in minutes
+  on 2 CPU cores.
+* ``paper``: the published protocol, MTT's hyperparameter table (method.md section 5); every
+  preset cites its source row.
+* ``cpu``: a reduced protocol for 2 CPU cores (narrower network, fewer steps, iterations and
+  evaluation epochs); results made with it are marked ``reduced`` everywhere.
+
+``--preset=auto`` picks ``default`` for digits and ``paper`` otherwise.
+
+Methods: ``mtt`` is the base (no sharpness, exact hypergradient, back-propagated step size);
+``satm`` adds SAM on the images, the truncated hypergradient with ``K = ceil(N / 3)``, trajectory
+reusing and the first-order step-size update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from satm_jax.augment import DEFAULT_STRATEGY
+from satm_jax.data import Preprocessing
+from satm_jax.distill import DistillConfig
+from satm_jax.evaluate import EvalConfig
+from satm_jax.experts import ExpertConfig
+from satm_jax.models import ModelConfig
+
+METHODS = ("mtt", "satm")
+PRESETS = ("auto", "default", "paper", "cpu")
+
+
+class ConfigError(ValueError):
+    """A configuration request that cannot be satisfied (unknown names, conflicts)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one (dataset, IPC, method) condensation run needs.
+
+    Attributes:
+      dataset: registry name (``satm_jax.data.DATASETS``).
+      ipc: synthetic images per class.
+      method: ``"mtt"`` or ``"satm"``.
+      preset: the preset the run started from.
+      source: where the preset's numbers come from.
+      reduced: whether this is a reduced (``cpu``/``default``) protocol, not the published one.
+      model: the distillation (and default evaluation) network.
+      preprocessing: ZCA or mean/std.
+      experts: expert training.
+      distill: the outer loop.
+      eval: the evaluation protocol.
+      eval_models: networks to evaluate the final set on (cross-architecture).
+      full_epochs: epochs of the full-training-set baseline.
+      eval_every: evaluate the synthetic set every this many iterations (0: only at the end).
+      checkpoint_every: checkpoint the distillation state every this many iterations.
+      data_dir: where the dataset files are.
+    """
+
+    dataset: str
+    ipc: int
+    method: str
+    preset: str
+    source: str
+    reduced: bool
+    model: ModelConfig
+    preprocessing: Preprocessing
+    experts: ExpertConfig
+    distill: DistillConfig
+    eval: EvalConfig
+    eval_models: tuple[str, ...] = ("convnet",)
+    full_epochs: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 100
+    data_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_ipc{self.ipc}_{self.method}"
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A starting point for ``(dataset, ipc)``: everything but the method's own knobs."""
+
+    source: str
+    reduced: bool
+    model: ModelConfig
+    preprocessing: Preprocessing
+    experts: ExpertConfig
+    distill: DistillConfig
+    eval: EvalConfig
+    full_epochs: int
+    eval_every: int = 0
+    satm_rho: float = 0.05
+
+
+_DIGITS_DSA = "color_crop_cutout_scale_rotate"  # no flips: mirrored digits are other glyphs
+
+
+def _digits_preset(ipc: int) -> Preset:
+    n = 20
+    return Preset(
+        source=(
+            "satm-jax digits demo preset (tuned on digits for 2 CPU cores; MTT's CIFAR-10 "
+            "structure with fewer experts, epochs, iterations and evaluation epochs)"
+        ),
+        reduced=True,
+        model=ModelConfig(width=64, depth=2),
+        preprocessing=Preprocessing(zca=False),
+        experts=ExpertConfig(
+            num_experts=10, epochs=12, batch_size=64, dsa_strategy=_DIGITS_DSA, parallel=10
+        ),
+        distill=DistillConfig(
+            ipc=ipc,
+            iterations=400 if ipc == 1 else 200,
+            syn_steps=n,
+            expert_epochs=2,
+            max_start_epoch=6,
+            lr_img=100.0,
+            lr_lr=1e-5,
+            lr_teacher=0.01,
+            dsa_strategy=_DIGITS_DSA,
+            steps_per_call=20,
+        ),
+        eval=EvalConfig(epochs=300, num_models=5, dsa_strategy=_DIGITS_DSA),
+        full_epochs=100,
+        satm_rho=0.1,
+    )
+
+
+# MTT's table (method.md section 5): (N, M, T+, batch_syn, zca, lr_img, lr_lr, lr_teacher).
+_PAPER_TABLE: dict[tuple[str, int], tuple[int, int, int, int | None, bool, float, float, float]] = {
+    ("cifar10", 1): (50, 2, 2, None, True, 100.0, 1e-7, 0.01),
+    ("cifar10", 10): (30, 2, 20, None, True, 100.0, 1e-5, 0.01),
+    ("cifar10", 50): (30, 2, 40, None, False, 1000.0, 1e-5, 0.01),
+    ("cifar100", 1): (20, 3, 20, None, True, 1000.0, 1e-5, 0.01),
+    ("cifar100", 10): (20, 2, 20, None, False, 1000.0, 1e-5, 0.01),
+    ("cifar100", 50): (80, 2, 40, 125, True, 1000.0, 1e-5, 0.01),
+    ("tiny_imagenet", 1): (10, 2, 10, None, False, 10000.0, 1e-4, 0.01),
+    ("tiny_imagenet", 10): (20, 2, 40, 200, False, 10000.0, 1e-4, 0.01),
+    ("tiny_imagenet", 50): (20, 2, 40, 300, False, 10000.0, 1e-4, 0.01),
+    ("imagenet_subset", 1): (20, 2, 10, None, False, 100000.0, 1e-6, 0.01),
+    ("imagenet_subset", 10): (20, 2, 10, 20, False, 100000.0, 1e-6, 0.01),
+}
+_PAPER_SOURCE = {
+    "cifar10": "MTT (Cazenavette et al. 2022) Table 6 / method.md section 5, CIFAR-10 row",
+    "cifar100": "MTT (Cazenavette et al. 2022) Table 6 / method.md section 5, CIFAR-100 row",
+    "tiny_imagenet": "MTT (Cazenavette et al. 2022) Table 6 / method.md section 5, Tiny ImageNet row",
+    "imagenet_subset": "MTT (Cazenavette et al. 2022) Table 6 / method.md section 5, ImageNet subsets row",
+}
+# The 28x28 and SVHN sets have no row in MTT's table: they borrow CIFAR-10's (no ZCA, as in
+# FreD's MTT runs on Fashion-MNIST).
+_BORROWS_CIFAR10 = ("mnist", "fashion_mnist", "svhn")
+_IMAGENET_SUBSETS = ("imagenette", "imagewoof")
+
+
+def _table_key(dataset: str, ipc: int) -> tuple[str, int]:
+    base = dataset
+    if dataset in _BORROWS_CIFAR10:
+        base = "cifar10"
+    elif dataset in _IMAGENET_SUBSETS:
+        base = "imagenet_subset"
+    rows = sorted(i for (d, i) in _PAPER_TABLE if d == base)
+    if not rows:
+        raise ConfigError(f"no published preset for dataset {dataset!r}")
+    nearest = min(rows, key=lambda i: (abs(math.log(i) - math.log(ipc)), i))
+    return base, nearest
+
+
+def _paper_preset(dataset: str, ipc: int) -> Preset:
+    base, row = _table_key(dataset, ipc)
+    n, m, tmax, batch_syn, zca, lr_img, lr_lr, lr_teacher = _PAPER_TABLE[(base, row)]
+    if dataset in _BORROWS_CIFAR10:
+        zca = False
+    source = _PAPER_SOURCE[base] + f", IPC {row}"
+    if row != ipc or base != dataset:
+        source += f" (used for {dataset} IPC {ipc})"
+    return Preset(
+        source=source,
+        reduced=False,
+        model=ModelConfig(width=128, depth=None, norm="instancenorm"),
+        preprocessing=Preprocessing(zca=zca),
+        experts=ExpertConfig(num_experts=100, epochs=50, parallel=10),
+        distill=DistillConfig(
+            ipc=ipc,
+            iterations=5000,
+            syn_steps=n,
+            expert_epochs=m,
+            max_start_epoch=tmax,
+            batch_syn=batch_syn,
+            lr_img=lr_img,
+            lr_lr=lr_lr,
+            lr_teacher=lr_teacher,
+            dsa_strategy=DEFAULT_STRATEGY,
+        ),
+        eval=EvalConfig(epochs=1000, num_models=5),
+        full_epochs=50,
+        eval_every=1000,
+    )
+
+
+def _cpu_preset(dataset: str, ipc: int) -> Preset:
+    """The paper preset scaled down for 2 CPU cores (width 32, fewer steps and iterations)."""
+    p = _paper_preset(dataset, ipc)
+    d = p.distill
+    return dataclasses.replace(
+        p,
+        source=p.source + "; reduced for 2 CPU cores (satm-jax 'cpu' preset)",
+        reduced=True,
+        model=dataclasses.replace(p.model, width=32),
+        experts=dataclasses.replace(
+            p.experts, num_experts=8, epochs=min(p.experts.epochs, 12), parallel=4
+        ),
+        distill=dataclasses.replace(
+            d,
+            iterations=300,
+            syn_steps=min(d.syn_steps, 20),
+            max_start_epoch=min(d.max_start_epoch, 8),
+            steps_per_call=10,
+        ),
+        eval=dataclasses.replace(p.eval, epochs=300),
+        full_epochs=5,
+        eval_every=0,
+    )
+
+
+def get_preset(dataset: str, ipc: int, preset: str = "auto") -> Preset:
+    """The preset for ``(dataset, ipc)``.
+
+    Raises:
+      ConfigError: unknown preset name, or no preset of that name for the dataset.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    if preset == "auto":
+        preset = "default" if dataset == "digits" else "paper"
+    if preset == "default":
+        if dataset != "digits":
+            raise ConfigError(
+                f"preset 'default' exists for digits only; use --preset=paper or --preset=cpu "
+                f"for {dataset!r}"
+            )
+        return _digits_preset(ipc)
+    if dataset == "digits":
+        raise ConfigError("digits has only the 'default' preset")
+    if preset == "paper":
+        return _paper_preset(dataset, ipc)
+    return _cpu_preset(dataset, ipc)
+
+
+def resolve_preset_name(dataset: str, preset: str) -> str:
+    if preset == "auto":
+        return "default" if dataset == "digits" else "paper"
+    return preset
+
+
+def method_settings(method: str, syn_steps: int, rho: float) -> dict[str, Any]:
+    """The outer-loop knobs that define ``mtt`` and ``satm``."""
+    if method == "mtt":
+        return dict(
+            sharpness="none",
+            hypergrad="exact",
+            truncate=None,
+            lr_update="backprop",
+            reuse_trajectory=False,
+        )
+    if method == "satm":
+        return dict(
+            sharpness="sam",
+            rho=rho,
+            hypergrad="truncated",
+            truncate=max(1, math.ceil(syn_steps / 3)),
+            lr_update="first_order",
+            reuse_trajectory=True,
+        )
+    raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+# flag name -> (section, field)
+OVERRIDES: dict[str, tuple[str, str]] = {
+    # model
+    "model": ("model", "name"),
+    "width": ("model", "width"),
+    "depth": ("model", "depth"),
+    "norm": ("model", "norm"),
+    "conv_impl": ("model", "conv_impl"),
+    # preprocessing
+    "zca": ("preprocessing", "zca"),
+    # experts
+    "num_experts": ("experts", "num_experts"),
+    "expert_train_epochs": ("experts", "epochs"),
+    "expert_lr": ("experts", "lr"),
+    "expert_batch_size": ("experts", "batch_size"),
+    "expert_parallel": ("experts", "parallel"),
+    "expert_seed": ("experts", "seed"),
+    # distillation
+    "iterations": ("distill", "iterations"),
+    "syn_steps": ("distill", "syn_steps"),
+    "expert_epochs": ("distill", "expert_epochs"),
+    "min_start_epoch": ("distill", "min_start_epoch"),
+    "max_start_epoch": ("distill", "max_start_epoch"),
+    "max_start_epoch_final": ("distill", "max_start_epoch_final"),
+    "batch_syn": ("distill", "batch_syn"),
+    "lr_img": ("distill", "lr_img"),
+    "lr_lr": ("distill", "lr_lr"),
+    "lr_teacher": ("distill", "lr_teacher"),
+    "lr_update": ("distill", "lr_update"),
+    "hypergrad": ("distill", "hypergrad"),
+    "truncate": ("distill", "truncate"),
+    "sharpness": ("distill", "sharpness"),
+    "rho": ("distill", "rho"),
+    "sigma": ("distill", "sigma"),
+    "gsam_alpha": ("distill", "gsam_alpha"),
+    "asam_eta": ("distill", "asam_eta"),
+    "reuse_trajectory": ("distill", "reuse_trajectory"),
+    "soft_labels": ("distill", "soft_labels"),
+    "lr_label": ("distill", "lr_label"),
+    "ema_decay": ("distill", "ema_decay"),
+    "steps_per_call": ("distill", "steps_per_call"),
+    "remat": ("distill", "remat"),
+    "seed": ("distill", "seed"),
+    # evaluation
+    "eval_epochs": ("eval", "epochs"),
+    "num_eval": ("eval", "num_models"),
+    "eval_batch_size": ("eval", "batch_size"),
+    # run
+    "eval_every": ("run", "eval_every"),
+    "checkpoint_every": ("run", "checkpoint_every"),
+    "full_epochs": ("run", "full_epochs"),
+    "eval_models": ("run", "eval_models"),
+}
+# DSA applies everywhere it is used.
+_DSA_SECTIONS = ("experts", "distill", "eval")
+
+
+def make_run_config(
+    dataset: str,
+    ipc: int,
+    method: str,
+    preset: str = "auto",
+    overrides: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+) -> RunConfig:
+    """Builds the config of one run from the preset and flat ``overrides``.
+
+    ``overrides`` keys are ``OVERRIDES`` names or ``dsa_strategy`` (which sets the strategy of
+    expert training, the inner loop and evaluation together); ``None`` values are ignored.
+
+    Raises:
+      ConfigError: unknown method, preset or override name; conflicting settings.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
+    p = get_preset(dataset, ipc, preset)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    sections: dict[str, Any] = {
+        "model": p.model,
+        "preprocessing": p.preprocessing,
+        "experts": p.experts,
+        "distill": p.distill,
+        "eval": p.eval,
+    }
+    run_fields: dict[str, Any] = {
+        "eval_every": p.eval_every,
+        "checkpoint_every": 100,
+        "full_epochs": p.full_epochs,
+        "eval_models": ("convnet",),
+    }
+    syn_steps = overrides.get("syn_steps", p.distill.syn_steps)
+    sections["distill"] = dataclasses.replace(
+        p.distill, ipc=ipc, **method_settings(method, syn_steps, p.satm_rho)
+    )
+    unknown = [k for k in overrides if k not in OVERRIDES and k != "dsa_strategy"]
+    if unknown:
+        raise ConfigError(f"unknown settings {unknown}; known: {sorted(OVERRIDES)}")
+    for k, v in overrides.items():
+        if k == "dsa_strategy":
+            for s in _DSA_SECTIONS:
+                sections[s] = dataclasses.replace(sections[s], dsa_strategy=v)
+            continue
+        section, field = OVERRIDES[k]
+        if section == "run":
+            run_fields[field] = tuple(v) if field == "eval_models" else v
+        else:
+            sections[section] = dataclasses.replace(sections[section], **{field: v})
+    d = sections["distill"]
+    if d.hypergrad == "exact" and "truncate" in overrides:
+        raise ConfigError("--truncate needs --hypergrad=truncated (exact uses all N steps)")
+    if d.hypergrad == "truncated" and d.truncate is None:
+        sections["distill"] = d = dataclasses.replace(
+            d, truncate=max(1, math.ceil(d.syn_steps / 3))
+        )
+    if d.hypergrad == "truncated" and d.truncate > d.syn_steps:
+        raise ConfigError(f"--truncate={d.truncate} exceeds --syn_steps={d.syn_steps}")
+    if d.hypergrad == "exact":
+        sections["distill"] = d = dataclasses.replace(d, truncate=None)
+    if d.sharpness == "none" and "rho" in overrides:
+        raise ConfigError("--rho has no effect without a sharpness-aware update (--sharpness)")
+    try:
+        d.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return RunConfig(
+        dataset=dataset,
+        ipc=ipc,
+        method=method,
+        preset=resolve_preset_name(dataset, preset),
+        source=p.source,
+        reduced=p.reduced,
+        data_dir=data_dir,
+        **sections,
+        **run_fields,
+    )

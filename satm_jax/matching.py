@@ -1,0 +1,360 @@
+"""The student unroll, the matching loss and its hypergradients.
+
+Trajectory matching (MTT, Cazenavette et al., CVPR 2022) starts a *student* network at an
+expert's checkpoint ``theta_0 = theta*_t`` and trains it for ``N`` plain SGD steps on minibatches
+of the synthetic set ``X``:
+
+    theta_{n+1} = theta_n - alpha * grad_theta CE(f(theta_n; DSA(X[B_n])), Y[B_n]),
+
+then measures how close it lands to the expert ``M`` epochs later:
+
+    L(X, alpha) = ||theta_N - theta*_{t+M}||^2 / ||theta_0 - theta*_{t+M}||^2.
+
+The *hypergradient* ``dL/dX`` back-propagates through the whole unroll (second derivatives of
+the network). This module offers:
+
+* ``unroll``: the student as one ``jax.lax.scan``; the per-step minibatch indices and
+  augmentation keys are scan inputs (``StudentBatches``), so the unroll is a pure function;
+  ``jax.checkpoint`` per step keeps the backward pass's memory at one parameter copy per step.
+* exact mode (``truncate=None`` or ``truncate == N``): differentiate all ``N`` steps (MTT).
+* truncated mode (TUH, SATM): run all ``N`` steps forward but stop the gradient at
+  ``theta_{N-K}``, so only the last ``K`` steps are differentiated. ``K = N`` is exact.
+* ``run_prefix``/``suffix_loss``: the two halves of a truncated unroll, so a second pass (SATM's
+  sharpness-aware pass with trajectory reusing) can restart from the first pass's
+  ``theta_{N-K}`` with the same minibatches and keys.
+* ``first_order_lr_grad``: SATM's closed-form step-size gradient
+  ``dL/dalpha = -2 <theta_N - target, G> / ||theta_0 - target||^2`` with ``G = sum_n g_n``.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from satm_jax import matching, models
+  >>> net = models.ConvNet(num_classes=2, width=4, depth=1)
+  >>> apply_fn = models.make_apply_fn(net)
+  >>> start = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  >>> target = jax.tree.map(lambda p: p + 0.01, start)
+  >>> x, y = jnp.ones((4, 8, 8, 1)), jnp.array([0, 0, 1, 1])
+  >>> batches = matching.sample_student_batches(jax.random.PRNGKey(1), 4, None, 3)
+  >>> loss = matching.matching_loss(apply_fn, x, y, 0.01, start, target, batches, truncate=2)
+  >>> g = jax.grad(matching.matching_loss, argnums=1)(apply_fn, x, y, 0.01, start, target,
+  ...                                                 batches, truncate=2)
+  >>> g.shape
+  (4, 8, 8, 1)
+
+Reference: Cazenavette et al., "Dataset Distillation by Matching Training Trajectories", CVPR
+2022; Gao et al., "Sharpness-Aware Trajectory Matching" (SATM), arXiv 2502.01865.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from satm_jax.train import cross_entropy
+
+Array = jax.Array
+Params = Any
+ApplyFn = Callable[[Params, Array], Array]
+AugmentFn = Callable[[Array, Array], Array]
+
+
+def _identity_augment(key: Array, x: Array) -> Array:
+    del key
+    return x
+
+
+class StudentBatches(NamedTuple):
+    """What each inner step sees, as scan inputs.
+
+    Attributes:
+      indices: ``(N, b)`` int32 indices into the synthetic set.
+      weights: ``(N, b)`` float32, 1 for a real entry and 0 for padding (the last chunk of a
+        permutation can be short); ``None`` when every batch is the whole set.
+      keys: ``(N, 2)`` uint32 augmentation keys, one per step.
+    """
+
+    indices: Array
+    weights: Array | None
+    keys: Array
+
+    @property
+    def num_steps(self) -> int:
+        return self.indices.shape[0]
+
+    def slice(self, start: int, stop: int) -> StudentBatches:
+        w = None if self.weights is None else self.weights[start:stop]
+        return StudentBatches(self.indices[start:stop], w, self.keys[start:stop])
+
+
+def sample_student_batches(
+    key: Array, num_syn: int, batch_syn: int | None, num_steps: int
+) -> StudentBatches:
+    """Minibatches for ``num_steps`` inner steps, walking random permutations (MTT).
+
+    Each permutation of the ``num_syn`` images is cut into chunks of ``batch_syn``; a step takes
+    the next chunk and a new permutation starts when one is used up. A short last chunk is
+    padded to ``batch_syn`` with zero-weight entries. ``batch_syn=None`` (or ``>= num_syn``)
+    uses the whole set, in order, at every step.
+    """
+    k_perm, k_aug = jax.random.split(key)
+    keys = jax.random.split(k_aug, num_steps)
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)
+    if batch_syn is None or batch_syn >= num_syn:
+        idx = jnp.broadcast_to(jnp.arange(num_syn, dtype=jnp.int32), (num_steps, num_syn))
+        return StudentBatches(idx, None, keys)
+    b = batch_syn
+    chunks = -(-num_syn // b)
+    pad = chunks * b - num_syn
+    num_perms = -(-num_steps // chunks)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, num_syn))(
+        jax.random.split(k_perm, num_perms)
+    ).astype(jnp.int32)
+    if pad:
+        perms = jnp.concatenate([perms, perms[:, :pad]], axis=1)
+    w = jnp.concatenate([jnp.ones((num_syn,), jnp.float32), jnp.zeros((pad,), jnp.float32)])
+    idx = perms.reshape(num_perms * chunks, b)[:num_steps]
+    wts = jnp.broadcast_to(w.reshape(chunks, b), (num_perms, chunks, b))
+    wts = wts.reshape(num_perms * chunks, b)[:num_steps]
+    return StudentBatches(idx, wts if pad else None, keys)
+
+
+def tree_sq_dist(a: Params, b: Params) -> Array:
+    """``sum over leaves of ||a - b||^2``."""
+    return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def tree_vdot(a: Params, b: Params) -> Array:
+    """``sum over leaves of <a, b>``."""
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def normalized_distance(params: Params, start: Params, target: Params) -> Array:
+    """MTT's loss ``||params - target||^2 / ||start - target||^2`` (sums over all params)."""
+    return tree_sq_dist(params, target) / tree_sq_dist(start, target)
+
+
+def student_step(
+    apply_fn: ApplyFn,
+    params: Params,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    indices: Array,
+    weights: Array | None,
+    key: Array,
+    augment_fn: AugmentFn = _identity_augment,
+) -> tuple[Params, Params]:
+    """One inner SGD step on a synthetic minibatch; returns ``(new_params, gradient)``."""
+    x = augment_fn(key, images[indices])
+    y = labels[indices]
+
+    def loss(p):
+        ce = cross_entropy(apply_fn(p, x), y)
+        if weights is None:
+            return jnp.mean(ce)
+        w = weights.astype(ce.dtype)
+        return jnp.sum(w * ce) / jnp.sum(w)
+
+    g = jax.grad(loss)(params)
+    new = jax.tree.map(lambda p, gi: p - syn_lr.astype(p.dtype) * gi, params, g)
+    return new, g
+
+
+def unroll(
+    apply_fn: ApplyFn,
+    params: Params,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    batches: StudentBatches,
+    *,
+    augment_fn: AugmentFn = _identity_augment,
+    remat: bool = True,
+    grad_sum: Params | None = None,
+) -> tuple[Params, Params | None]:
+    """Runs the student for ``batches.num_steps`` SGD steps with ``jax.lax.scan``.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> logits`` (training mode).
+      params: ``theta_0``.
+      images: the synthetic set ``(n, H, W, C)``.
+      labels: class ids ``(n,)`` or probability rows ``(n, classes)``.
+      syn_lr: the step size ``alpha`` (scalar array).
+      batches: per-step indices, weights and augmentation keys.
+      augment_fn: ``augment_fn(key, x)`` (DSA), applied at every step.
+      remat: wrap each step in ``jax.checkpoint`` so the backward pass stores only the
+        parameters at each step.
+      grad_sum: if given, ``sum_n g_n`` is accumulated onto it and returned (for the
+        first-order step-size gradient); otherwise ``None`` is returned in its place.
+
+    Returns:
+      ``(theta_N, grad_sum)``.
+    """
+    syn_lr = jnp.asarray(syn_lr)
+    track = grad_sum is not None
+
+    def body(carry, inp):
+        p, gs = carry
+        if batches.weights is None:
+            idx, key = inp
+            w = None
+        else:
+            idx, w, key = inp
+        p, g = student_step(apply_fn, p, images, labels, syn_lr, idx, w, key, augment_fn)
+        if track:
+            gs = jax.tree.map(jnp.add, gs, g)
+        return (p, gs), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    xs = (
+        (batches.indices, batches.keys)
+        if batches.weights is None
+        else (batches.indices, batches.weights, batches.keys)
+    )
+    if batches.num_steps == 0:
+        return params, grad_sum
+    (params, grad_sum), _ = jax.lax.scan(body, (params, grad_sum if track else 0.0), xs)
+    return params, grad_sum if track else None
+
+
+class Prefix(NamedTuple):
+    """The untracked head of a truncated unroll: ``theta_{N-K}`` and ``sum_{n<N-K} g_n``."""
+
+    params: Params
+    grad_sum: Params
+
+
+def run_prefix(
+    apply_fn: ApplyFn,
+    start: Params,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    batches: StudentBatches,
+    num_prefix_steps: int,
+    *,
+    augment_fn: AugmentFn = _identity_augment,
+) -> Prefix:
+    """The first ``N - K`` steps, forward only; gradients are stopped at their result (TUH)."""
+    sg = jax.lax.stop_gradient
+    params, grad_sum = unroll(
+        apply_fn,
+        sg(start),
+        sg(images),
+        sg(labels),
+        sg(jnp.asarray(syn_lr)),
+        batches.slice(0, num_prefix_steps),
+        augment_fn=augment_fn,
+        remat=False,
+        grad_sum=jax.tree.map(jnp.zeros_like, start),
+    )
+    return Prefix(sg(params), sg(grad_sum))
+
+
+class SuffixAux(NamedTuple):
+    """Side outputs of ``suffix_loss``."""
+
+    final_params: Params
+    grad_sum: Params
+
+
+def suffix_loss(
+    apply_fn: ApplyFn,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    prefix: Prefix,
+    start: Params,
+    target: Params,
+    batches: StudentBatches,
+    num_prefix_steps: int,
+    *,
+    augment_fn: AugmentFn = _identity_augment,
+    remat: bool = True,
+) -> tuple[Array, SuffixAux]:
+    """The last ``K`` steps from ``prefix`` and the normalised loss; differentiable in X, alpha.
+
+    ``aux.grad_sum`` is ``G = sum_n g_n`` over all ``N`` steps (prefix included), for
+    ``first_order_lr_grad``.
+    """
+    final, grad_sum = unroll(
+        apply_fn,
+        prefix.params,
+        images,
+        labels,
+        syn_lr,
+        batches.slice(num_prefix_steps, batches.num_steps),
+        augment_fn=augment_fn,
+        remat=remat,
+        grad_sum=prefix.grad_sum,
+    )
+    loss = normalized_distance(final, start, target)
+    return loss, SuffixAux(final, grad_sum)
+
+
+def num_prefix_steps(num_steps: int, truncate: int | None) -> int:
+    """``N - K`` for truncation ``K`` (``None`` means exact, ``K = N``).
+
+    Raises:
+      ValueError: ``K`` outside ``1..N``.
+    """
+    if truncate is None:
+        return 0
+    if not 1 <= truncate <= num_steps:
+        raise ValueError(f"truncate must be in 1..{num_steps} (the inner steps), got {truncate}")
+    return num_steps - truncate
+
+
+def matching_loss(
+    apply_fn: ApplyFn,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    start: Params,
+    target: Params,
+    batches: StudentBatches,
+    *,
+    truncate: int | None = None,
+    augment_fn: AugmentFn = _identity_augment,
+    remat: bool = True,
+) -> Array:
+    """The matching loss ``L(X, alpha)``, differentiable with the chosen hypergradient.
+
+    Its value does not depend on ``truncate``; its gradient does: only the last ``truncate``
+    inner steps are differentiated (``None``: all of them, the exact hypergradient).
+    """
+    n_pre = num_prefix_steps(batches.num_steps, truncate)
+    prefix = run_prefix(
+        apply_fn, start, images, labels, syn_lr, batches, n_pre, augment_fn=augment_fn
+    )
+    loss, _ = suffix_loss(
+        apply_fn,
+        images,
+        labels,
+        syn_lr,
+        prefix,
+        start,
+        target,
+        batches,
+        n_pre,
+        augment_fn=augment_fn,
+        remat=remat,
+    )
+    return loss
+
+
+def first_order_lr_grad(final: Params, grad_sum: Params, start: Params, target: Params) -> Array:
+    """SATM's closed-form step-size gradient.
+
+    With plain SGD inner steps ``theta_N = theta_0 - alpha * G``, ``G = sum_n g_n``; treating the
+    ``g_n`` as constants in ``alpha``:
+
+        dL/dalpha = -2 <theta_N - target, G> / ||theta_0 - target||^2.
+    """
+    sg = jax.lax.stop_gradient
+    diff = jax.tree.map(lambda a, b: sg(a) - sg(b), final, target)
+    return -2.0 * tree_vdot(diff, sg(grad_sum)) / tree_sq_dist(sg(start), sg(target))

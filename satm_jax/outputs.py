@@ -1,0 +1,260 @@
+"""What a run leaves behind: metrics (JSONL and TensorBoard), images, plots, tables, exports.
+
+Example:
+  >>> import os, tempfile, numpy as np
+  >>> from satm_jax import outputs
+  >>> p = os.path.join(tempfile.mkdtemp(), "x.json")
+  >>> outputs.write_json(p, {"a": 1}); outputs.read_json(p)
+  {'a': 1}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from satm_jax import visualize
+
+# --------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_default)
+    os.replace(tmp, path)
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (np.ndarray,)):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def read_json(path: str) -> Any | None:
+    """The JSON content of ``path``; ``None`` if it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Per-iteration metrics to ``metrics.jsonl`` and TensorBoard event files in ``rundir``.
+
+    On resume (``start_iteration > 0``) lines past ``start_iteration`` (written after the last
+    checkpoint by a run that was then killed) are dropped, so the file matches the state.
+    """
+
+    def __init__(self, rundir: str, start_iteration: int = 0, tensorboard: bool = True):
+        self.path = os.path.join(rundir, "metrics.jsonl")
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if rec.get("iteration", 0) <= start_iteration:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+        self._f = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(
+                    os.path.join(rundir, "tensorboard"),
+                    purge_step=start_iteration + 1 if start_iteration else None,
+                )
+            except ImportError:  # pragma: no cover - optional
+                self._tb = None
+
+    def iteration(self, it: int, metrics: dict[str, float]) -> None:
+        rec = {"iteration": int(it), **{k: float(v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(f"distill/{k}", float(v), int(it))
+
+    def scalar(self, it: int, name: str, value: float) -> None:
+        self._f.write(json.dumps({"iteration": int(it), name: float(value)}) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            self._tb.add_scalar(name, float(value), int(it))
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(rundir: str) -> list[dict[str, float]]:
+    path = os.path.join(rundir, "metrics.jsonl")
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Images, plots, exports
+# --------------------------------------------------------------------------------------------
+
+
+def save_synthetic_grid(
+    rundir: str, cfg: Any, data: Any, images: Any, labels: Any, iteration: int
+) -> str:
+    """PNG grid of the synthetic set (preprocessing undone) as ``synthetic_<it>.png`` and
+    ``synthetic.png`` (the latest)."""
+    pixels = data.preprocessor.inverse(np.asarray(images))
+    title = f"{cfg.name} iteration {iteration}"
+    path = os.path.join(rundir, f"synthetic_{iteration:06d}.png")
+    visualize.save_image_grid(path, pixels, np.asarray(labels), data.num_classes, title=title)
+    visualize.save_image_grid(
+        os.path.join(rundir, "synthetic.png"),
+        pixels,
+        np.asarray(labels),
+        data.num_classes,
+        title=title,
+    )
+    return path
+
+
+def plot_run(rundir: str, cfg: Any) -> str | None:
+    """``curves.png``: matching loss per iteration and evaluation accuracy."""
+    recs = read_metrics(rundir)
+    its = [r["iteration"] for r in recs if "loss" in r]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    evals = read_json(os.path.join(rundir, "evals.json")) or {}
+    e_its = sorted(int(k) for k in evals)
+    e_acc = [evals[str(k)]["acc_mean"] for k in e_its]
+    if not its:
+        return None
+    return visualize.plot_history(
+        os.path.join(rundir, "curves.png"), its, losses, e_its, e_acc, title=cfg.name
+    )
+
+
+def export_distilled(path: str, cfg: Any, data: Any, state: Any, images: Any) -> str:
+    """``distilled.npz``: images (network space and [0,1] pixels), labels, step size, config."""
+    labels = np.asarray(state.labels)
+    np.savez_compressed(
+        path + ".tmp.npz",
+        images=np.asarray(images, np.float32),
+        pixels=data.preprocessor.inverse(np.asarray(images)).astype(np.float32),
+        labels=labels,
+        soft_labels=np.asarray(bool(cfg.distill.soft_labels)),
+        syn_lr=np.asarray(float(state.syn_lr), np.float32),
+        iteration=np.asarray(int(state.iteration)),
+        config=np.asarray(json.dumps(cfg.to_dict(), default=_default)),
+    )
+    os.replace(path + ".tmp.npz", path)
+    return path
+
+
+def load_distilled(path: str) -> dict[str, Any]:
+    """Reads a ``distilled.npz``: ``images``, ``pixels``, ``labels``, ``syn_lr``, ``config``...
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a distilled-set export.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no distilled set at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable distilled-set export: {e}") from e
+    missing = [k for k in ("images", "labels", "syn_lr", "config") if k not in out]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; not a satm-jax distilled-set export")
+    out["config"] = json.loads(str(out["config"]))
+    out["syn_lr"] = float(out["syn_lr"])
+    out["soft_labels"] = bool(out.get("soft_labels", False))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+_ORDER = {"random": 0, "mtt": 1, "satm": 2, "full": 3}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per method, one column per IPC (and evaluation model)."""
+    rows = results["results"]
+    cfg = results.get("config", {})
+    cols = sorted({(r["ipc"], r.get("model", "convnet")) for r in rows if r["method"] != "full"})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (_ORDER.get(m, 9), m))
+    head = ["method"] + [f"IPC {i}" + ("" if m == "convnet" else f" ({m})") for i, m in cols]
+    lines = []
+    for m in methods:
+        if m == "full":
+            continue
+        cells = [m]
+        for i, mod in cols:
+            r = next(
+                (
+                    r
+                    for r in rows
+                    if r["method"] == m and r["ipc"] == i and r.get("model", "convnet") == mod
+                ),
+                None,
+            )
+            cells.append(f"{r['acc_mean']:.2f} +- {r['acc_std']:.2f}" if r else "-")
+        lines.append(cells)
+    widths = [max(len(x[j]) for x in [head] + lines) for j in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    title = f"test accuracy (%) on {cfg.get('dataset', '?')}, preset {cfg.get('preset', '?')}"
+    if cfg.get("reduced"):
+        title += " (REDUCED protocol, not the published one)"
+    out = [title, fmt(head)] + [fmt(c) for c in lines]
+    full = [r for r in rows if r["method"] == "full"]
+    n_eval = sorted({r["n_eval"] for r in rows})
+    for r in full:
+        out.append(
+            f"full training set ({r.get('n_train', '?')} images, {r.get('epochs', '?')} epochs): "
+            f"{r['acc_mean']:.2f} +- {r['acc_std']:.2f}"
+        )
+    out.append(
+        f"mean +- std over {','.join(map(str, n_eval))} evaluation networks; wall {results.get('wall_s', 0):.0f}s"
+    )
+    return "\n".join(out)
+
+
+def write_results_table(path: str, results: dict[str, Any]) -> str:
+    """``results.md``: the table of ``format_table`` in a Markdown code block."""
+    with open(path + ".tmp", "w") as f:
+        f.write("```\n" + format_table(results) + "\n```\n")
+    os.replace(path + ".tmp", path)
+    return path

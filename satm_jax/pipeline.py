@@ -1,0 +1,560 @@
+"""The whole experiment: data, experts, distillation, evaluation, baselines, outputs.
+
+``train_and_evaluate(configs, workdir)`` runs a list of ``RunConfig`` (one per dataset, IPC and
+method) sharing data and experts, and writes under ``workdir``:
+
+* ``experts/<dataset>-<hash>/``: the expert store (reused by later runs with the same dataset,
+  model, preprocessing and expert training);
+* ``runs/<dataset>_ipc<k>_<method>/``: ``config.json``, ``metrics.jsonl``, checkpoints,
+  ``synthetic.png`` (ZCA undone), ``distilled.npz``, ``result.json``;
+* ``baselines/``: random real images and the full training set;
+* ``results.json``: ``{"results": [...], "config": {...}, "wall_s": ...}`` and ``results.md``.
+
+Finished pieces are not redone: a rerun with the same configuration reuses finished experts,
+resumes the distillation from its last checkpoint and keeps finished evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from satm_jax import augment as augment_lib
+from satm_jax import checkpoint as checkpoint_lib
+from satm_jax import data as data_lib
+from satm_jax import distill as distill_lib
+from satm_jax import evaluate as evaluate_lib
+from satm_jax import experts as experts_lib
+from satm_jax import models as models_lib
+from satm_jax import outputs as outputs_lib
+from satm_jax.configs import ConfigError, RunConfig
+
+Log = Callable[[str], None]
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """A dataset with its fitted preprocessing, as device arrays."""
+
+    dataset: data_lib.Dataset
+    preprocessor: data_lib.Preprocessor
+    train_x: jax.Array
+    train_y: jax.Array
+    test_x: jax.Array
+    test_y: jax.Array
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.dataset.image_shape
+
+
+def prepare_data(dataset: data_lib.Dataset, preprocessing: data_lib.Preprocessing) -> PreparedData:
+    """Fits the preprocessing on the training split and applies it to both splits."""
+    prep = data_lib.fit_preprocessing(dataset.train_images, preprocessing)
+    return PreparedData(
+        dataset=dataset,
+        preprocessor=prep,
+        train_x=jnp.asarray(prep.forward(dataset.train_images)),
+        train_y=jnp.asarray(dataset.train_labels, jnp.int32),
+        test_x=jnp.asarray(prep.forward(dataset.test_images)),
+        test_y=jnp.asarray(dataset.test_labels, jnp.int32),
+    )
+
+
+def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> None:
+    """Checks every config against the data before any work starts.
+
+    Raises:
+      ConfigError: IPC out of range, experts too short for the matching window, bad names.
+      DatasetError: (via ``check_ipc``) IPC above the smallest class's count.
+    """
+    for cfg in configs:
+        data_lib.check_ipc(dataset.train_labels, dataset.num_classes, cfg.ipc)
+        if cfg.experts.epochs < cfg.distill.max_epoch_needed:
+            raise ConfigError(
+                f"{cfg.name}: matching reads expert epoch {cfg.distill.max_epoch_needed} "
+                f"(max_start_epoch - 1 + expert_epochs) but experts train for "
+                f"{cfg.experts.epochs}; raise --expert_train_epochs or lower --max_start_epoch"
+            )
+        if (
+            cfg.distill.batch_syn is not None
+            and cfg.distill.batch_syn > cfg.ipc * dataset.num_classes
+        ):
+            raise ConfigError(
+                f"{cfg.name}: batch_syn={cfg.distill.batch_syn} exceeds the synthetic set "
+                f"({cfg.ipc * dataset.num_classes} images)"
+            )
+        models_lib.build_model(cfg.model, dataset.num_classes)
+        for name in cfg.eval_models:
+            if name not in models_lib.MODELS:
+                raise ConfigError(
+                    f"unknown evaluation model {name!r}; choose from {sorted(models_lib.MODELS)}"
+                )
+        for strategy in (cfg.experts.dsa_strategy, cfg.distill.dsa_strategy, cfg.eval.dsa_strategy):
+            try:
+                augment_lib.parse_strategy(strategy)
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Experts
+# --------------------------------------------------------------------------------------------
+
+
+def expert_spec(cfg: RunConfig, data: PreparedData) -> dict[str, Any]:
+    """What stored experts must agree on to be reused for ``cfg``."""
+    return {
+        "dataset": cfg.dataset,
+        "image_shape": list(data.image_shape),
+        "num_classes": data.num_classes,
+        "model": cfg.model.resolved(data.image_shape[0]).identity(),
+        "preprocessing": cfg.preprocessing.identity(),
+    }
+
+
+def expert_training(cfg: RunConfig) -> dict[str, Any]:
+    e = cfg.experts
+    return {
+        "lr": e.lr,
+        "batch_size": e.batch_size,
+        "momentum": e.momentum,
+        "weight_decay": e.weight_decay,
+        "dsa_strategy": e.dsa_strategy,
+        "seed": e.seed,
+    }
+
+
+def expert_dir(workdir: str, cfg: RunConfig, data: PreparedData) -> str:
+    key = json.dumps(
+        {
+            "spec": expert_spec(cfg, data),
+            "training": expert_training(cfg),
+            "epochs": cfg.experts.epochs,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return os.path.join(workdir, "experts", f"{cfg.dataset}-{digest}")
+
+
+def ensure_experts(
+    cfg: RunConfig, data: PreparedData, workdir: str, *, progress: bool = True, log: Log = _print
+) -> experts_lib.ExpertStore:
+    """Opens (or creates) the expert store for ``cfg`` and trains its missing experts."""
+    directory = expert_dir(workdir, cfg, data)
+    store = experts_lib.ExpertStore.open_or_create(
+        directory,
+        expert_spec(cfg, data),
+        num_experts=cfg.experts.num_experts,
+        epochs=cfg.experts.epochs,
+        training=expert_training(cfg),
+    )
+    missing = store.missing(cfg.experts.num_experts)
+    if missing:
+        log(
+            f"training {len(missing)} expert(s) on {cfg.dataset} for {cfg.experts.epochs} epochs "
+            f"-> {directory}"
+        )
+    model = models_lib.build_model(cfg.model, data.num_classes)
+    experts_lib.generate_experts(
+        store,
+        model,
+        cfg.experts,
+        data.train_x,
+        data.train_y,
+        augment_fn=augment_lib.make_augment(cfg.experts.dsa_strategy),
+        test_images=data.test_x,
+        test_labels=data.test_y,
+        progress=progress,
+        log=log,
+    )
+    accs = list(store.manifest["test_acc"].values())
+    if accs:
+        log(f"experts: {len(accs)} trained, test accuracy {100 * np.mean(accs):.2f}% (mean)")
+    return store
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def eval_model(cfg: RunConfig, name: str, num_classes: int):
+    """The evaluation network called ``name`` (``convnet`` uses the run's ConvNet config)."""
+    if name == "convnet":
+        return models_lib.build_model(cfg.model, num_classes)
+    return models_lib.build_model(models_lib.ModelConfig(name=name), num_classes)
+
+
+def _row(method: str, ipc: int, result: evaluate_lib.EvalResult, **extra: Any) -> dict[str, Any]:
+    return {
+        "method": method,
+        "ipc": int(ipc),
+        "acc_mean": round(result.mean, 4),
+        "acc_std": round(result.std, 4),
+        "n_eval": int(len(result.accs)),
+        **extra,
+    }
+
+
+def random_baseline(
+    cfg: RunConfig, data: PreparedData, *, progress: bool = True, model_name: str = "convnet"
+) -> evaluate_lib.EvalResult:
+    """Random real images, ``ipc`` per class, a different draw for every evaluation network."""
+    n = cfg.eval.num_models
+    idx = np.stack(
+        [
+            data_lib.sample_per_class(
+                np.random.default_rng(10_000 + cfg.distill.seed * 100 + i),
+                data.dataset.train_labels,
+                data.num_classes,
+                cfg.ipc,
+            )
+            for i in range(n)
+        ]
+    )
+    images = data.train_x[jnp.asarray(idx)]
+    labels = jnp.asarray(np.stack([data_lib.class_sorted_labels(data.num_classes, cfg.ipc)] * n))
+    return evaluate_lib.evaluate_set(
+        eval_model(cfg, model_name, data.num_classes),
+        images,
+        labels,
+        cfg.distill.lr_teacher,
+        data.test_x,
+        data.test_y,
+        cfg.eval,
+        key=jax.random.PRNGKey(cfg.eval.seed + 17),
+        per_model_sets=True,
+        progress=progress,
+        desc=f"eval random ipc{cfg.ipc}",
+    )
+
+
+def full_baseline(
+    cfg: RunConfig, data: PreparedData, *, progress: bool = True
+) -> evaluate_lib.EvalResult:
+    """The whole training set, with the evaluation protocol for ``cfg.full_epochs`` epochs."""
+    ecfg = dataclasses.replace(cfg.eval, epochs=cfg.full_epochs, epochs_per_call=1)
+    return evaluate_lib.evaluate_set(
+        models_lib.build_model(cfg.model, data.num_classes),
+        data.train_x,
+        data.train_y,
+        cfg.experts.lr,
+        data.test_x,
+        data.test_y,
+        ecfg,
+        key=jax.random.PRNGKey(cfg.eval.seed + 23),
+        progress=progress,
+        desc="eval full",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One condensation run
+# --------------------------------------------------------------------------------------------
+
+
+def initial_images(cfg: RunConfig, data: PreparedData) -> tuple[jax.Array, np.ndarray]:
+    """Random real images of each class (preprocessed), class-sorted, and their labels."""
+    rng = np.random.default_rng(cfg.distill.seed)
+    idx = data_lib.sample_per_class(rng, data.dataset.train_labels, data.num_classes, cfg.ipc)
+    return data.train_x[jnp.asarray(idx)], data_lib.class_sorted_labels(data.num_classes, cfg.ipc)
+
+
+def final_set(cfg: RunConfig, state: distill_lib.DistillState) -> tuple[jax.Array, jax.Array]:
+    """What gets evaluated: the images (their EMA if enabled) and label targets."""
+    images = state.ema if state.ema is not None else state.images
+    return images, distill_lib.label_targets(state.labels, cfg.distill.soft_labels)
+
+
+def distill_and_evaluate(
+    cfg: RunConfig,
+    data: PreparedData,
+    store: experts_lib.ExpertStore,
+    workdir: str,
+    *,
+    progress: bool = True,
+    log: Log = _print,
+) -> list[dict[str, Any]]:
+    """Condenses with ``cfg``, evaluates the result, writes the run's outputs; returns rows."""
+    rundir = os.path.join(workdir, "runs", cfg.name)
+    os.makedirs(rundir, exist_ok=True)
+    cfg_dict = _jsonable(cfg.to_dict())
+    cached = outputs_lib.read_json(os.path.join(rundir, "result.json"))
+    if cached is not None and cached.get("config") == cfg_dict and cached.get("complete"):
+        log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
+        return cached["rows"]
+    outputs_lib.write_json(os.path.join(rundir, "config.json"), cfg_dict)
+
+    model = models_lib.build_model(cfg.model, data.num_classes)
+    like = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
+    bank = store.load_bank(cfg.distill.max_epoch_needed, like=like)
+    augment_fn = augment_lib.make_augment(cfg.distill.dsa_strategy)
+    images0, labels0 = initial_images(cfg, data)
+    state = distill_lib.init_state(cfg.distill, images0, labels0)
+    outer_step = distill_lib.make_outer_step(
+        models_lib.make_apply_fn(model), augment_fn, cfg.distill
+    )
+
+    ckpt = checkpoint_lib.DistillCheckpointer(os.path.join(rundir, "checkpoints"), cfg_dict)
+    state = ckpt.restore_latest(state, log=log)
+    metrics_log = outputs_lib.MetricsWriter(rundir, start_iteration=int(state.iteration))
+    evals = outputs_lib.read_json(os.path.join(rundir, "evals.json")) or {}
+
+    def eval_fn(st):
+        it = int(st.iteration)
+        x, y = final_set(cfg, st)
+        res = evaluate_lib.evaluate_set(
+            model,
+            x,
+            y,
+            st.syn_lr,
+            data.test_x,
+            data.test_y,
+            cfg.eval,
+            key=jax.random.PRNGKey(cfg.eval.seed + it),
+            progress=progress,
+            desc=f"eval {cfg.name} it{it}",
+        )
+        evals[str(it)] = {"acc_mean": res.mean, "acc_std": res.std, "accs": res.accs.tolist()}
+        outputs_lib.write_json(os.path.join(rundir, "evals.json"), evals)
+        metrics_log.scalar(it, "eval/acc_mean", res.mean)
+        outputs_lib.save_synthetic_grid(rundir, cfg, data, x, y, it)
+        log(f"{cfg.name} iteration {it}: {res.summary()} % ({cfg.eval.num_models} nets)")
+
+    t0 = time.time()
+    if int(state.iteration) < cfg.distill.iterations:
+        log(
+            f"{cfg.name}: distilling {data.num_classes}x{cfg.ipc} images, "
+            f"{cfg.distill.iterations} iterations, N={cfg.distill.syn_steps}, "
+            f"M={cfg.distill.expert_epochs}, sharpness={cfg.distill.sharpness}, "
+            f"hypergrad={cfg.distill.hypergrad}"
+            + (f" K={cfg.distill.truncate}" if cfg.distill.truncation else "")
+        )
+    state = distill_lib.run_distillation(
+        state,
+        bank,
+        cfg.distill,
+        outer_step,
+        eval_every=cfg.eval_every,
+        eval_fn=lambda st: eval_fn(st) if str(int(st.iteration)) not in evals else None,
+        checkpoint_every=cfg.checkpoint_every,
+        checkpoint_fn=ckpt.save,
+        metrics_fn=metrics_log.iteration,
+        progress=progress,
+        desc=cfg.name,
+        log=log,
+    )
+    ckpt.save(state)
+    metrics_log.close()
+    distill_s = time.time() - t0
+    images, labels = final_set(cfg, state)
+    outputs_lib.export_distilled(os.path.join(rundir, "distilled.npz"), cfg, data, state, images)
+    outputs_lib.plot_run(rundir, cfg)
+
+    rows = []
+    final_it = str(int(state.iteration))
+    for name in cfg.eval_models:
+        if name == "convnet" and final_it in evals:
+            res = evaluate_lib.EvalResult(np.asarray(evals[final_it]["accs"]))
+        else:
+            res = evaluate_lib.evaluate_set(
+                eval_model(cfg, name, data.num_classes),
+                images,
+                labels,
+                state.syn_lr,
+                data.test_x,
+                data.test_y,
+                cfg.eval,
+                progress=progress,
+                desc=f"eval {cfg.name} {name}",
+            )
+        rows.append(
+            _row(
+                cfg.method,
+                cfg.ipc,
+                res,
+                model=name,
+                syn_lr=float(state.syn_lr),
+                distill_s=round(distill_s, 1),
+                nonfinite=int(state.num_nonfinite),
+                reduced=cfg.reduced,
+            )
+        )
+        log(f"{cfg.name} [{name}]: {res.summary()} %")
+    outputs_lib.write_json(
+        os.path.join(rundir, "result.json"), {"config": cfg_dict, "rows": rows, "complete": True}
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _cached_baseline(
+    path: str,
+    key: dict[str, Any],
+    compute: Callable[[], evaluate_lib.EvalResult],
+    log: Log,
+    what: str,
+) -> evaluate_lib.EvalResult:
+    cached = outputs_lib.read_json(path)
+    if cached is not None and cached.get("key") == key:
+        log(f"{what}: reused from {path}")
+        return evaluate_lib.EvalResult(np.asarray(cached["accs"]))
+    res = compute()
+    outputs_lib.write_json(path, {"key": key, "accs": res.accs.tolist()})
+    return res
+
+
+def train_and_evaluate(
+    configs: list[RunConfig],
+    workdir: str,
+    *,
+    dataset: data_lib.Dataset | None = None,
+    baselines: bool = True,
+    progress: bool = True,
+    log: Log = _print,
+) -> dict[str, Any]:
+    """Runs every config (same dataset), the baselines, and writes ``results.json``.
+
+    Args:
+      configs: runs to make; they must share the dataset.
+      workdir: output folder (created).
+      dataset: the loaded dataset (loaded from the configs' ``dataset``/``data_dir`` if None).
+      baselines: also evaluate random real images (per IPC) and the full training set.
+      progress: progress bars.
+      log: where messages go.
+
+    Returns:
+      The ``results.json`` content.
+    """
+    t_start = time.time()
+    if not configs:
+        raise ConfigError("no runs requested")
+    names = {c.dataset for c in configs}
+    if len(names) != 1:
+        raise ConfigError(f"one dataset per call, got {sorted(names)}")
+    first = configs[0]
+    if dataset is None:
+        dataset = data_lib.load_dataset(first.dataset, data_dir=first.data_dir)
+    validate_configs(configs, dataset)
+    os.makedirs(workdir, exist_ok=True)
+    log(
+        f"dataset {dataset.name}: {len(dataset.train_labels)} training / "
+        f"{len(dataset.test_labels)} test images of {dataset.image_shape}, "
+        f"{dataset.num_classes} classes; backend {jax.default_backend()}"
+    )
+
+    prepared: dict[str, PreparedData] = {}
+
+    def data_for(cfg: RunConfig) -> PreparedData:
+        k = json.dumps(cfg.preprocessing.identity(), sort_keys=True)
+        if k not in prepared:
+            prepared[k] = prepare_data(dataset, cfg.preprocessing)
+        return prepared[k]
+
+    rows: list[dict[str, Any]] = []
+    results_path = os.path.join(workdir, "results.json")
+    config_dict = {
+        "dataset": first.dataset,
+        "preset": first.preset,
+        "source": first.source,
+        "reduced": any(c.reduced for c in configs),
+        "runs": {c.name: _jsonable(c.to_dict()) for c in configs},
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+    def write_results() -> dict[str, Any]:
+        out = {"results": rows, "config": config_dict, "wall_s": round(time.time() - t_start, 2)}
+        outputs_lib.write_json(results_path, out)
+        outputs_lib.write_results_table(os.path.join(workdir, "results.md"), out)
+        return out
+
+    done_random: set[int] = set()
+    for cfg in configs:
+        data = data_for(cfg)
+        if baselines and cfg.ipc not in done_random:
+            done_random.add(cfg.ipc)
+            key = {
+                "dataset": cfg.dataset,
+                "ipc": cfg.ipc,
+                "eval": _jsonable(dataclasses.asdict(cfg.eval)),
+                "model": _jsonable(dataclasses.asdict(cfg.model)),
+                "preprocessing": cfg.preprocessing.identity(),
+                "lr": cfg.distill.lr_teacher,
+                "seed": cfg.distill.seed,
+            }
+            res = _cached_baseline(
+                os.path.join(workdir, "baselines", f"random_ipc{cfg.ipc}.json"),
+                key,
+                lambda: random_baseline(cfg, data, progress=progress),
+                log,
+                f"random ipc{cfg.ipc}",
+            )
+            rows.append(_row("random", cfg.ipc, res, model="convnet", reduced=cfg.reduced))
+            log(f"random real images, ipc {cfg.ipc}: {res.summary()} %")
+            write_results()
+        store = ensure_experts(cfg, data, workdir, progress=progress, log=log)
+        rows.extend(distill_and_evaluate(cfg, data, store, workdir, progress=progress, log=log))
+        write_results()
+
+    if baselines:
+        cfg = configs[0]
+        data = data_for(cfg)
+        key = {
+            "dataset": cfg.dataset,
+            "epochs": cfg.full_epochs,
+            "eval": _jsonable(dataclasses.asdict(cfg.eval)),
+            "model": _jsonable(dataclasses.asdict(cfg.model)),
+            "preprocessing": cfg.preprocessing.identity(),
+            "lr": cfg.experts.lr,
+        }
+        res = _cached_baseline(
+            os.path.join(workdir, "baselines", "full.json"),
+            key,
+            lambda: full_baseline(cfg, data, progress=progress),
+            log,
+            "full training set",
+        )
+        per_class = int(round(len(dataset.train_labels) / dataset.num_classes))
+        rows.append(
+            _row(
+                "full",
+                per_class,
+                res,
+                model="convnet",
+                epochs=cfg.full_epochs,
+                n_train=int(len(dataset.train_labels)),
+                reduced=cfg.reduced,
+            )
+        )
+        log(f"full training set ({cfg.full_epochs} epochs): {res.summary()} %")
+    out = write_results()
+    log(outputs_lib.format_table(out))
+    return out

@@ -1,0 +1,117 @@
+"""Pictures of the results: image grids of synthetic sets and training curves (PNG)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def image_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    max_per_class: int = 10,
+    max_classes: int = 20,
+    pad: int = 1,
+) -> np.ndarray:
+    """Arranges ``[0, 1]`` images ``(n, H, W, C)`` into one ``(rows*H', cols*W', 3)`` array.
+
+    With several images per class each row is a class (at most ``max_classes`` rows and
+    ``max_per_class`` columns); with one image per class, the classes fill a near-square grid.
+    """
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        labels = labels.argmax(-1)
+    n, h, w, _ = images.shape
+    per_class = [np.flatnonzero(labels == c)[:max_per_class] for c in range(num_classes)]
+    ipc = max((len(p) for p in per_class), default=0)
+    if ipc <= 1:
+        chosen = [p[0] for p in per_class if len(p)][: max_classes * max_per_class]
+        cols = math.ceil(math.sqrt(len(chosen)))
+        rows = math.ceil(len(chosen) / max(cols, 1))
+        cells = [
+            [chosen[r * cols + c] if r * cols + c < len(chosen) else None for c in range(cols)]
+            for r in range(rows)
+        ]
+    else:
+        cells = [
+            [p[j] if j < len(p) else None for j in range(ipc)] for p in per_class[:max_classes]
+        ]
+        rows, cols = len(cells), ipc
+    out = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.float32)
+    for r, row in enumerate(cells):
+        for c, i in enumerate(row):
+            if i is None:
+                continue
+            y0, x0 = pad + r * (h + pad), pad + c * (w + pad)
+            out[y0 : y0 + h, x0 : x0 + w] = images[i]
+    return out
+
+
+def save_image_grid(
+    path: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    scale: int | None = None,
+    title: str | None = None,
+) -> str:
+    """Writes ``image_grid(...)`` as a PNG, upscaled so small images stay visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(images, labels, num_classes)
+    if scale is None:
+        scale = (
+            max(1, 256 // max(grid.shape[0], grid.shape[1]) + 1) if max(grid.shape[:2]) < 256 else 1
+        )
+    grid = np.kron(grid, np.ones((scale, scale, 1), np.float32))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if title is None:
+        plt.imsave(path, grid)
+        return path
+    fig = plt.figure(figsize=(grid.shape[1] / 100 + 0.2, grid.shape[0] / 100 + 0.5), dpi=100)
+    plt.imshow(grid, interpolation="nearest")
+    plt.axis("off")
+    plt.title(title, fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_history(
+    path: str,
+    iterations: Sequence[int],
+    losses: Sequence[float],
+    eval_iterations: Sequence[int] = (),
+    eval_accs: Sequence[float] = (),
+    title: str = "",
+) -> str:
+    """Matching loss over iterations and (if any) evaluation accuracy, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(7, 4), dpi=100)
+    ax1.plot(iterations, losses, color="tab:blue", lw=0.8, label="matching loss")
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("matching loss", color="tab:blue")
+    if len(eval_iterations):
+        ax2 = ax1.twinx()
+        ax2.plot(eval_iterations, eval_accs, "o-", color="tab:red", label="test accuracy (%)")
+        ax2.set_ylabel("test accuracy (%)", color="tab:red")
+    ax1.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,235 @@
+"""The outer step: SATM's reductions to MTT, trajectory reusing, guards, labels, EMA."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from satm_jax import distill, experts, matching, sharpness
+from tests.conftest import tiny_problem, tree_allclose
+
+N = 4
+
+
+def _bank(params, num_experts=2, epochs=4, seed=0):
+    """Synthetic expert trajectories: random walks from ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    stacked = []
+    for leaf, k in zip(leaves, keys):
+        steps = 0.05 * jax.random.normal(k, (num_experts, epochs, *leaf.shape))
+        traj = leaf[None, None] + jnp.concatenate(
+            [jnp.zeros((num_experts, 1, *leaf.shape)), jnp.cumsum(steps, 1)], 1
+        )
+        stacked.append(traj)
+    return experts.ExpertBank(jax.tree.unflatten(treedef, stacked))
+
+
+def _setup(**cfg_kw):
+    net, apply_fn, params, _, images, labels = tiny_problem(n=4)
+    base = dict(
+        ipc=2,
+        iterations=3,
+        syn_steps=N,
+        expert_epochs=1,
+        max_start_epoch=3,
+        lr_img=10.0,
+        lr_lr=1e-4,
+        lr_teacher=0.05,
+        dsa_strategy="crop_flip",
+        steps_per_call=3,
+    )
+    base.update(cfg_kw)
+    cfg = distill.DistillConfig(**base)
+    return cfg, apply_fn, _bank(params), images, labels
+
+
+def _steps(cfg, apply_fn, bank, images, labels, n=2, **init_kw):
+    from satm_jax import augment
+
+    state = distill.init_state(cfg, images, labels, **init_kw)
+    step = jax.jit(distill.make_outer_step(apply_fn, augment.make_augment(cfg.dsa_strategy), cfg))
+    for _ in range(n):
+        state, metrics = step(state, bank)
+    return state, metrics
+
+
+@pytest.mark.parametrize("lr_update", ["backprop", "first_order"])
+def test_satm_with_rho_zero_equals_the_plain_mtt_update(lr_update):
+    cfg, apply_fn, bank, x, y = _setup(lr_update=lr_update)
+    mtt, _ = _steps(cfg, apply_fn, bank, x, y)
+    satm_cfg = dataclasses.replace(cfg, sharpness="sam", rho=0.0, reuse_trajectory=True)
+    satm, _ = _steps(satm_cfg, apply_fn, bank, x, y)
+    tree_allclose(satm.images, mtt.images, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(satm.syn_lr, mtt.syn_lr, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_trajectory_reusing_with_rho_zero_equals_the_truncated_update(reuse):
+    cfg, apply_fn, bank, x, y = _setup(hypergrad="truncated", truncate=2, lr_update="first_order")
+    tuh, _ = _steps(cfg, apply_fn, bank, x, y)
+    satm, _ = _steps(
+        dataclasses.replace(cfg, sharpness="sam", rho=0.0, reuse_trajectory=reuse),
+        apply_fn,
+        bank,
+        x,
+        y,
+    )
+    tree_allclose(satm.images, tuh.images, rtol=1e-6, atol=1e-7)
+
+
+def _second_pass_points(reuse):
+    """What the second pass differentiates, rebuilt by hand from the same random draws."""
+    from satm_jax import augment
+
+    cfg, apply_fn, bank, x, y = _setup(
+        hypergrad="truncated", truncate=2, sharpness="sam", rho=0.5, reuse_trajectory=reuse
+    )
+    aug = augment.make_augment(cfg.dsa_strategy)
+    state = distill.init_state(cfg, x, y)
+    sample = distill.sample_iteration(state, bank, cfg)
+    _, perturbed = distill.make_passes(apply_fn, aug, cfg)(state, sample)
+    x_adv = x + 0.3 * jax.random.normal(jax.random.PRNGKey(5), x.shape)
+    got = jax.grad(perturbed)(x_adv)
+    b = sample.batches
+    lr = state.syn_lr
+    # TR on: theta_{N-K} of the FIRST pass (computed at x), then K steps at x_adv.
+    head_x, _ = matching.unroll(apply_fn, sample.start, x, y, lr, b.slice(0, N - 2), augment_fn=aug)
+    # TR off: theta_{N-K} recomputed from the expert checkpoint at x_adv.
+    head_adv, _ = matching.unroll(
+        apply_fn, sample.start, x_adv, y, lr, b.slice(0, N - 2), augment_fn=aug
+    )
+
+    def tail_from(head):
+        def f(xx):
+            final, _ = matching.unroll(apply_fn, head, xx, y, lr, b.slice(N - 2, N), augment_fn=aug)
+            return matching.normalized_distance(final, sample.start, sample.target)
+
+        return jax.grad(f)(x_adv)
+
+    return got, tail_from(head_x), tail_from(head_adv)
+
+
+def test_trajectory_reusing_restarts_the_second_pass_from_the_first_pass_step_n_minus_k():
+    got, from_first_pass, from_expert = _second_pass_points(reuse=True)
+    np.testing.assert_allclose(got, from_first_pass, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got, from_expert, rtol=1e-3, atol=1e-6)
+
+
+def test_without_trajectory_reusing_the_second_pass_starts_from_the_expert_checkpoint():
+    got, from_first_pass, from_expert = _second_pass_points(reuse=False)
+    np.testing.assert_allclose(got, from_expert, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got, from_first_pass, rtol=1e-3, atol=1e-6)
+
+
+def test_sam_changes_the_update_when_rho_is_positive():
+    cfg, apply_fn, bank, x, y = _setup()
+    mtt, _ = _steps(cfg, apply_fn, bank, x, y, n=1)
+    satm, _ = _steps(dataclasses.replace(cfg, sharpness="sam", rho=1.0), apply_fn, bank, x, y, n=1)
+    assert not np.allclose(satm.images, mtt.images)
+
+
+@pytest.mark.parametrize("name", ["asam", "gsam", "smooth_sam"])
+def test_every_sharpness_runs_in_the_outer_step(name):
+    cfg, apply_fn, bank, x, y = _setup(sharpness=name, rho=0.1, hypergrad="truncated", truncate=2)
+    state, metrics = _steps(cfg, apply_fn, bank, x, y)
+    assert int(state.iteration) == 2 and bool(jnp.all(jnp.isfinite(state.images)))
+    assert name in sharpness.SHARPNESS
+
+
+def test_non_finite_iteration_leaves_the_state_unchanged_and_is_counted():
+    cfg, apply_fn, bank, x, y = _setup()
+    bad = x.at[0, 0, 0, 0].set(jnp.nan)
+    state0 = distill.init_state(cfg, bad, y)
+    from satm_jax import augment
+
+    step = jax.jit(distill.make_outer_step(apply_fn, augment.make_augment("none"), cfg))
+    state1, m = step(state0, bank)
+    assert int(m["finite"]) == 0
+    assert int(state1.num_nonfinite) == 1 and int(state1.consecutive_nonfinite) == 1
+    assert int(state1.iteration) == 1
+    np.testing.assert_array_equal(np.asarray(state1.images), np.asarray(state0.images))
+    assert float(state1.syn_lr) == float(state0.syn_lr)
+    assert not np.array_equal(np.asarray(state1.key), np.asarray(state0.key))
+    with pytest.raises(distill.DistillError, match="consecutive"):
+        distill.run_distillation(
+            state0,
+            bank,
+            dataclasses.replace(cfg, iterations=4, max_consecutive_nonfinite=3, steps_per_call=1),
+            distill.make_outer_step(apply_fn, augment.make_augment("none"), cfg),
+            progress=False,
+            log=lambda m: None,
+        )
+
+
+def test_step_size_stays_positive():
+    cfg, apply_fn, bank, x, y = _setup(lr_lr=1e6, lr_floor=1e-3)
+    state, _ = _steps(cfg, apply_fn, bank, x, y, n=3)
+    assert float(state.syn_lr) >= 1e-3 * cfg.lr_teacher * (1 - 1e-6)
+
+
+def test_soft_labels_reduce_to_hard_labels_when_one_hot_and_frozen():
+    cfg, apply_fn, bank, x, y = _setup()
+    hard, _ = _steps(cfg, apply_fn, bank, x, y)
+    soft_cfg = dataclasses.replace(cfg, soft_labels=True, lr_label=0.0)
+    logits = 100.0 * jax.nn.one_hot(y, 2)  # softmax(100 e_y) is one-hot in float32
+    soft, _ = _steps(soft_cfg, apply_fn, bank, x, y, label_logits=logits)
+    tree_allclose(soft.images, hard.images, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(soft.labels), np.asarray(logits))
+
+
+def test_soft_labels_are_learned():
+    cfg, apply_fn, bank, x, y = _setup(soft_labels=True, lr_label=10.0)
+    logits = jax.random.normal(jax.random.PRNGKey(3), (4, 2))
+    state, _ = _steps(cfg, apply_fn, bank, x, y, label_logits=logits)
+    assert not np.allclose(np.asarray(state.labels), np.asarray(logits))
+
+
+def test_ema_with_decay_zero_is_the_raw_set_and_decay_averages():
+    cfg, apply_fn, bank, x, y = _setup(ema_decay=0.0)
+    state, _ = _steps(cfg, apply_fn, bank, x, y)
+    np.testing.assert_array_equal(np.asarray(state.ema), np.asarray(state.images))
+    cfg9 = dataclasses.replace(cfg, ema_decay=0.9)
+    s1, _ = _steps(cfg9, apply_fn, bank, x, y, n=1)
+    np.testing.assert_allclose(s1.ema, 0.9 * x + 0.1 * s1.images, rtol=1e-5, atol=1e-6)
+
+
+def test_matching_range_grows_to_its_final_upper_bound():
+    cfg = distill.DistillConfig(
+        iterations=100, max_start_epoch=2, max_start_epoch_final=6, grow_until=40
+    )
+    vals = [int(distill.current_max_start(cfg, jnp.asarray(i))) for i in (0, 10, 20, 40, 90)]
+    assert vals == [2, 3, 4, 6, 6]
+    assert cfg.max_epoch_needed == 6 - 1 + cfg.expert_epochs
+
+
+def test_chunking_does_not_change_the_result():
+    cfg, apply_fn, bank, x, y = _setup(iterations=6)
+    from satm_jax import augment
+
+    outs = []
+    for spc in (1, 3):
+        c = dataclasses.replace(cfg, steps_per_call=spc)
+        step = distill.make_outer_step(apply_fn, augment.make_augment(c.dsa_strategy), c)
+        st = distill.run_distillation(
+            distill.init_state(c, x, y), bank, c, step, progress=False, log=lambda m: None
+        )
+        outs.append(st)
+    assert int(outs[0].iteration) == int(outs[1].iteration) == 6
+    tree_allclose(outs[0].images, outs[1].images, rtol=1e-5, atol=1e-6)
+
+
+def test_boundaries_fall_on_absolute_multiples():
+    assert distill._boundaries(0, 10, [4, 5]) == [4, 5, 8, 10]
+    assert distill._boundaries(5, 10, [4, 0]) == [8, 10]
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="truncate"):
+        distill.DistillConfig(hypergrad="truncated").validate()
+    with pytest.raises(ValueError, match="sharpness"):
+        distill.DistillConfig(sharpness="adam").validate()
+    with pytest.raises(ValueError, match="min_start_epoch"):
+        distill.DistillConfig(min_start_epoch=5, max_start_epoch=5).validate()

@@ -1,0 +1,147 @@
+"""Expert training, orbax storage, partial loading, refusal of mismatched stores."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from satm_jax import augment, experts, models
+from tests.conftest import tree_allclose
+
+SPEC = {
+    "dataset": "digits",
+    "image_shape": [8, 8, 1],
+    "num_classes": 3,
+    "model": {"name": "convnet", "width": 4, "depth": 1, "norm": "instancenorm"},
+    "preprocessing": {"zca": False, "zca_eps": None},
+}
+
+
+def _traj(epochs=3, seed=0):
+    net = models.ConvNet(num_classes=3, width=4, depth=1)
+    p = net.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8, 8, 1)))["params"]
+    return net, [jax.tree.map(lambda x: np.asarray(x + e), p) for e in range(epochs + 1)]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    net, traj = _traj()
+    store = experts.ExpertStore.create(
+        str(tmp_path), SPEC, num_experts=2, epochs=3, training={"lr": 0.01}
+    )
+    store.save_expert(1, traj, test_acc=0.5)
+    assert store.completed() == [1] and store.missing() == [0]
+    reopened = experts.ExpertStore.open(str(tmp_path), SPEC)
+    start, target = reopened.load_pair(1, 1, 2, like=traj[0])
+    tree_allclose(start, traj[1], rtol=0, atol=0)
+    tree_allclose(target, traj[3], rtol=0, atol=0)
+    window = reopened.load_window(1, 2)
+    assert jax.tree.leaves(window)[0].shape[0] == 3
+    bank = reopened.load_bank(2, like=traj[0])
+    assert bank.num_experts == 1 and bank.num_epochs == 3
+    s, t, e, ep = experts.sample_start_target(bank, jax.random.PRNGKey(0), 0, 2, 1)
+    tree_allclose(s, jax.tree.map(lambda x: x + int(ep), traj[0]), rtol=1e-6, atol=1e-6)
+    assert json.load(open(tmp_path / "manifest.json"))["test_acc"] == {"1": 0.5}
+
+
+def test_partial_restore_reads_only_the_requested_epochs(tmp_path, monkeypatch):
+    net, traj = _traj(epochs=5)
+    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=5)
+    store.save_expert(0, traj)
+    out = store._restore(0, [2, 4], None)
+    assert sorted(out) == ["epoch_002", "epoch_004"]
+
+
+def test_mismatched_store_is_refused_with_what_differs(tmp_path):
+    experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
+    other = json.loads(json.dumps(SPEC))
+    other["model"]["width"] = 128
+    other["preprocessing"]["zca"] = True
+    with pytest.raises(experts.ExpertMismatchError) as e:
+        experts.ExpertStore.open(str(tmp_path), other)
+    msg = str(e.value)
+    assert "model.width: stored 4, requested 128" in msg
+    assert "preprocessing.zca: stored False, requested True" in msg
+    other = dict(SPEC, dataset="mnist")
+    with pytest.raises(
+        experts.ExpertMismatchError, match="dataset: stored 'digits', requested 'mnist'"
+    ):
+        experts.ExpertStore.open(str(tmp_path), other)
+
+
+def test_different_training_settings_are_refused(tmp_path):
+    experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3, training={"lr": 0.01})
+    with pytest.raises(experts.ExpertMismatchError, match="training.lr"):
+        experts.ExpertStore.open_or_create(
+            str(tmp_path), SPEC, num_experts=1, epochs=3, training={"lr": 0.1}
+        )
+    with pytest.raises(experts.ExpertMismatchError, match="epochs"):
+        experts.ExpertStore.open_or_create(
+            str(tmp_path), SPEC, num_experts=1, epochs=9, training={"lr": 0.01}
+        )
+
+
+def test_parameters_that_do_not_fit_the_model_are_refused(tmp_path):
+    net, traj = _traj()
+    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
+    store.save_expert(0, traj)
+    wide = models.ConvNet(num_classes=3, width=8, depth=1)
+    like = wide.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
+    with pytest.raises(
+        experts.ExpertMismatchError,
+        match=r"stored shape \(3, 3, 1, 4\), model expects \(3, 3, 1, 8\)",
+    ):
+        store.load_pair(0, 0, 1, like=like)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(experts.ExpertError, match="no expert store"):
+        experts.ExpertStore.open(str(tmp_path / "nothing"))
+    net, traj = _traj()
+    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
+    store.save_expert(0, traj)
+    with pytest.raises(experts.ExpertError, match="not finished"):
+        store.load_pair(5, 0, 1)
+    # Damage the checkpoint's data files.
+    for root, _, files in os.walk(tmp_path / "expert_0000"):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    with pytest.raises(experts.ExpertError, match="corrupt"):
+        store.load_pair(0, 0, 1)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(experts.ExpertError, match="corrupt expert manifest"):
+        experts.ExpertStore.open(str(tmp_path))
+
+
+def test_training_records_every_epoch_and_resumes_expert_by_expert(tmp_path, digits):
+    net = models.ConvNet(num_classes=10, width=4, depth=1)
+    x = jnp.asarray(digits.train_images[:200], jnp.float32) / 255.0
+    y = jnp.asarray(digits.train_labels[:200])
+    cfg = experts.ExpertConfig(
+        num_experts=3, epochs=2, batch_size=64, parallel=2, dsa_strategy="crop"
+    )
+    spec = dict(SPEC, num_classes=10)
+    store = experts.ExpertStore.create(str(tmp_path), spec, num_experts=3, epochs=2)
+    aug = augment.make_augment("crop")
+    # Train only the first group (an interrupted run), then resume.
+    res = experts.train_experts(
+        net, cfg, x, y, [0, 1], augment_fn=aug, test_images=x, test_labels=y, progress=False
+    )
+    for i, t, a in res:
+        assert len(t) == 3 and 0.0 <= a <= 1.0
+        store.save_expert(i, t, a)
+    assert store.missing(3) == [2]
+    messages = []
+    experts.generate_experts(
+        store, net, cfg, x, y, augment_fn=aug, progress=False, log=messages.append
+    )
+    assert store.completed() == [0, 1, 2]
+    assert "2 of 3 already" in messages[0]
+    s0, s1 = store.load_pair(0, 0, 1)
+    assert not np.allclose(s0["Dense_0"]["kernel"], s1["Dense_0"]["kernel"])  # it trained
+    a0 = store.load_pair(0, 0, 2)[0]
+    a1 = store.load_pair(1, 0, 2)[0]
+    assert not np.allclose(a0["Dense_0"]["kernel"], a1["Dense_0"]["kernel"])  # different inits

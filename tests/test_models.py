@@ -1,0 +1,111 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from satm_jax import models
+from tests.conftest import tree_allclose
+
+
+def _net_and_params(conv_impl, norm="instancenorm", channels=3, depth=2, width=8):
+    net = models.ConvNet(num_classes=5, width=width, depth=depth, norm=norm, conv_impl=conv_impl)
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, channels)), train=False)
+    return net, variables
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "none"])
+def test_patches_and_lax_convolutions_agree_on_outputs_and_gradients(norm):
+    net_p, variables = _net_and_params("patches", norm)
+    net_l, _ = _net_and_params("lax", norm)
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 16, 16, 3))
+    y = jnp.arange(6) % 5
+    apply_p, apply_l = models.make_apply_fn(net_p), models.make_apply_fn(net_l)
+    params = variables["params"]
+    np.testing.assert_allclose(apply_p(params, x), apply_l(params, x), rtol=2e-5, atol=2e-5)
+
+    def loss(apply, p, x):
+        logits = apply(p, x)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), y])
+
+    gp = jax.grad(loss, argnums=(1, 2))(apply_p, params, x)
+    gl = jax.grad(loss, argnums=(1, 2))(apply_l, params, x)
+    tree_allclose(gp, gl, rtol=1e-4, atol=1e-5)
+
+    # Second order, as trajectory matching uses it: d/dx of ||d loss / d params||^2.
+    def second(apply, x):
+        g = jax.grad(loss, argnums=1)(apply, params, x)
+        return sum(jnp.sum(v**2) for v in jax.tree.leaves(g))
+
+    np.testing.assert_allclose(
+        jax.grad(second, argnums=1)(apply_p, x),
+        jax.grad(second, argnums=1)(apply_l, x),
+        rtol=1e-3,
+        atol=1e-5,
+    )
+
+
+def test_auto_convolution_is_patches_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert models.resolve_conv_impl("auto") == "patches"
+    with pytest.raises(ValueError, match="conv_impl"):
+        models.resolve_conv_impl("cudnn")
+
+
+@pytest.mark.parametrize(
+    "shape,classes,depth,expected",
+    [
+        ((32, 32, 3), 10, None, 320_010),
+        ((32, 32, 3), 100, None, 504_420),
+        ((64, 64, 3), 200, None, 857_160),
+    ],
+)
+def test_parameter_counts_match_mtt(shape, classes, depth, expected):
+    net = models.ConvNet(num_classes=classes, width=128, depth=depth)
+    params = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape))))[
+        "params"
+    ]
+    assert models.count_params(params) == expected
+
+
+def test_depth_follows_resolution():
+    assert [models.default_depth(r) for r in (8, 16, 28, 32, 64, 128)] == [1, 2, 3, 3, 4, 5]
+    net = models.ConvNet(num_classes=10, width=4)
+    p = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    assert len([k for k in p if k.startswith("Conv")]) == 4
+
+
+def test_pytorch_default_initialisation_bounds():
+    net = models.ConvNet(num_classes=10, width=64, depth=2)
+    p = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    conv1 = p["Conv_0"]["kernel"]
+    bound = 1 / np.sqrt(3 * 9)
+    assert conv1.shape == (3, 3, 3, 64)
+    assert float(jnp.max(jnp.abs(conv1))) <= bound
+    # U(-b, b) has std b / sqrt(3).
+    assert abs(float(jnp.std(conv1)) - bound / np.sqrt(3)) < 0.1 * bound
+    dense = p["Dense_0"]["kernel"]
+    assert float(jnp.max(jnp.abs(p["Dense_0"]["bias"]))) <= 1 / np.sqrt(dense.shape[0])
+    norm = p["InstanceNorm_0"]
+    assert np.all(np.asarray(norm["scale"]) == 1) and np.all(np.asarray(norm["bias"]) == 0)
+
+
+def test_instance_norm_matches_a_numpy_groupnorm():
+    x = np.random.default_rng(0).normal(size=(3, 5, 4, 6)).astype(np.float32)
+    y = models.InstanceNorm().apply({"params": {"scale": jnp.ones(6), "bias": jnp.zeros(6)}}, x)
+    m = x.mean(axis=(1, 2), keepdims=True)
+    v = x.var(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(y, (x - m) / np.sqrt(v + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_any_number_of_input_channels_and_odd_sizes():
+    for c in (1, 2, 4):
+        net = models.ConvNet(num_classes=3, width=4, depth=2)
+        v = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 9, 9, c)))
+        assert net.apply(v, jnp.ones((2, 9, 9, c))).shape == (2, 3)
+
+
+def test_unknown_model_and_norm_are_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model(models.ModelConfig(name="nope"), 10)
+    with pytest.raises(ValueError, match="unknown norm"):
+        models.build_model(models.ModelConfig(norm="layer"), 10)

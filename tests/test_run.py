@@ -1,0 +1,125 @@
+"""End-to-end: ``python -m experiments.run`` on a tiny config, and input checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import satm_jax
+from experiments import run as run_lib
+from satm_jax import configs, data, pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--iterations=4",
+    "--syn_steps=3",
+    "--num_experts=2",
+    "--expert_train_epochs=3",
+    "--max_start_epoch=2",
+    "--expert_epochs=1",
+    "--eval_epochs=3",
+    "--num_eval=2",
+    "--width=8",
+    "--depth=1",
+    "--full_epochs=1",
+    "--progress=false",
+    "--steps_per_call=2",
+    "--checkpoint_every=2",
+]
+
+
+def _run(args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
+    wd = str(tmp_path / "wd")
+    r = _run([f"--workdir={wd}", "--ipc=1", *TINY])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(os.path.join(wd, "results.json")))
+    assert set(res) == {"results", "config", "wall_s"}
+    methods = sorted(row["method"] for row in res["results"])
+    assert methods == ["full", "mtt", "random", "satm"]
+    for row in res["results"]:
+        assert {"method", "ipc", "acc_mean", "acc_std", "n_eval"} <= set(row)
+        assert row["n_eval"] == 2 and 0.0 <= row["acc_mean"] <= 100.0
+        assert isinstance(row["ipc"], int)
+    assert res["config"]["dataset"] == "digits" and res["wall_s"] > 0
+    for m in ("mtt", "satm"):
+        rundir = os.path.join(wd, "runs", f"digits_ipc1_{m}")
+        assert os.path.getsize(os.path.join(rundir, "synthetic.png")) > 0
+        d = satm_jax.load_distilled(os.path.join(rundir, "distilled.npz"))
+        assert d["images"].shape == (10, 8, 8, 1) and d["syn_lr"] > 0
+        assert d["config"]["method"] == m
+        lines = open(os.path.join(rundir, "metrics.jsonl")).read().splitlines()
+        assert [json.loads(x)["iteration"] for x in lines if "loss" in json.loads(x)] == [
+            1,
+            2,
+            3,
+            4,
+        ]
+    assert "satm" in r.stdout and "random" in r.stdout  # the table
+    # A second run reuses everything that finished.
+    r2 = _run([f"--workdir={wd}", "--ipc=1", *TINY])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "finished earlier" in r2.stdout and "reused" in r2.stdout
+    res2 = json.load(open(os.path.join(wd, "results.json")))
+    assert [x["acc_mean"] for x in res2["results"]] == [x["acc_mean"] for x in res["results"]]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset=nope"], "unknown dataset 'nope'"),
+        (["--method=adam"], "unknown method 'adam'"),
+        (["--ipc=500"], "exceeds the smallest class's"),
+        (["--ipc=0"], "--ipc must be >= 1"),
+        (["--truncate=3", "--method=mtt"], "--truncate needs --hypergrad=truncated"),
+    ],
+)
+def test_bad_input_stops_before_any_work(tmp_path, args, message):
+    wd = tmp_path / "wd"
+    r = _run([f"--workdir={wd}", "--progress=false", *args], timeout=300)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert not (wd / "experts").exists()  # nothing was trained
+
+
+def test_configs_from_flags_and_presets():
+    cfgs = run_lib.build_configs("digits", [1, 10], ["mtt", "satm"], "auto", {"lr_img": 5.0}, None)
+    assert [(c.ipc, c.method) for c in cfgs] == [(1, "mtt"), (1, "satm"), (10, "mtt"), (10, "satm")]
+    assert all(c.distill.lr_img == 5.0 for c in cfgs)
+    mtt, satm = cfgs[0].distill, cfgs[1].distill
+    assert (mtt.sharpness, mtt.hypergrad, mtt.lr_update) == ("none", "exact", "backprop")
+    assert (satm.sharpness, satm.hypergrad, satm.reuse_trajectory, satm.lr_update) == (
+        "sam",
+        "truncated",
+        True,
+        "first_order",
+    )
+    assert satm.truncate == int(np.ceil(satm.syn_steps / 3))
+    with pytest.raises(configs.ConfigError, match="unknown settings"):
+        configs.make_run_config("digits", 1, "satm", overrides={"lr_imgg": 1})
+    with pytest.raises(configs.ConfigError, match="preset 'default' exists for digits only"):
+        configs.make_run_config("cifar10", 1, "satm", preset="default")
+    with pytest.raises(configs.ConfigError, match="unknown preset"):
+        configs.make_run_config("digits", 1, "satm", preset="fast")
+
+
+def test_validate_configs_checks_the_expert_window(digits):
+    cfg = configs.make_run_config("digits", 1, "mtt", overrides={"max_start_epoch": 20})
+    with pytest.raises(configs.ConfigError, match="experts train for"):
+        pipeline.validate_configs([cfg], digits)
+    with pytest.raises(data.DatasetError, match="smallest class"):
+        pipeline.validate_configs([configs.make_run_config("digits", 200, "mtt")], digits)

@@ -1,0 +1,207 @@
+"""The sharpness-aware Optax transforms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from satm_jax import sharpness
+from tests.conftest import tree_allclose
+
+A = jnp.array([[3.0, 0.5, 0.0], [0.5, 1.0, -0.2], [0.0, -0.2, 2.0]])
+
+
+def loss(w):
+    """A non-quadratic loss on a dict of parameters."""
+    x = w["a"]
+    return 0.5 * x @ A @ x + jnp.sum(jnp.sin(w["b"])) + 0.1 * jnp.sum(w["b"] ** 4)
+
+
+def params0():
+    return {"a": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([[0.3, -1.2], [2.0, 0.1]])}
+
+
+grad = jax.grad(loss)
+grad_fn = lambda p, i: grad(p)  # noqa: E731
+
+
+def _run(tx, steps=5, jit=False):
+    p = params0()
+    state = tx.init(p)
+    upd = lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn)  # noqa: E731
+    if jit:
+        upd = jax.jit(upd)
+    out = []
+    for _ in range(steps):
+        u, state = upd(grad(p), state, p)
+        p = optax.apply_updates(p, u)
+        out.append(p)
+    return out
+
+
+def test_sam_follows_optax_contrib_sam_step_for_step():
+    rho = 0.05
+    base = lambda: optax.sgd(0.1, momentum=0.5)  # noqa: E731
+    ours = _run(sharpness.sam(base(), rho), steps=8)
+    ref_tx = optax.contrib.sam(
+        base(),
+        optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        opaque_mode=True,
+        sync_period=2,
+    )
+    theirs = _run(ref_tx, steps=8)
+    for a, b in zip(ours, theirs):
+        tree_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sam_one_step_by_hand():
+    rho, lr = 0.1, 0.2
+    p = params0()
+    h = grad(p)
+    hn = np.sqrt(sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(h)))
+    adv = jax.tree.map(lambda x, g: x + rho * g / hn, p, h)
+    expected = jax.tree.map(lambda x, g: x - lr * g, p, grad(adv))
+    got = _run(sharpness.sam(optax.sgd(lr), rho), steps=1)[0]
+    tree_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_sam_with_zero_gradient_is_finite_and_composes_with_chain():
+    p = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    zero = jax.tree.map(jnp.zeros_like, p)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0), sharpness.sam(optax.sgd(0.1), 0.05), optax.scale(1.0)
+    )
+    state = tx.init(p)
+    # The gradient of sum(w^2) is zero at w = 0, where both runs start.
+    sq_grad = lambda q, i: jax.tree.map(lambda v: 2.0 * v, q)  # noqa: E731
+    u, state = tx.update(zero, state, p, grad_fn=sq_grad)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    # optax's own normalize divides by a zero norm:
+    ref = optax.contrib.sam(
+        optax.sgd(0.1), optax.chain(optax.contrib.normalize(), optax.sgd(0.05)), opaque_mode=True
+    )
+    u_ref, _ = ref.update(zero, ref.init(p), p, grad_fn=sq_grad)
+    assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u_ref))
+
+
+def test_transforms_jit_and_rho_zero_is_the_base_optimizer():
+    base = _run(optax.with_extra_args_support(optax.sgd(0.1, momentum=0.5)), steps=3)
+    for tx in [
+        sharpness.sam(optax.sgd(0.1, momentum=0.5), 0.0),
+        sharpness.asam(optax.sgd(0.1, momentum=0.5), 0.0),
+        sharpness.gsam(optax.sgd(0.1, momentum=0.5), 0.0, alpha=0.0),
+    ]:
+        tree_allclose(_run(tx, steps=3, jit=True), base, rtol=1e-6, atol=1e-7)
+
+
+def test_gsam_with_zero_coefficient_is_sam():
+    tree_allclose(
+        _run(sharpness.gsam(optax.sgd(0.1), 0.05, alpha=0.0)),
+        _run(sharpness.sam(optax.sgd(0.1), 0.05)),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_gsam_one_step_by_hand():
+    rho, lr, alpha = 0.1, 0.2, 0.3
+    p = params0()
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    h = flat(grad(p))
+    adv = jax.tree.map(lambda x, g: x + rho * g / np.linalg.norm(h), p, grad(p))
+    g = flat(grad(adv))
+    h_perp = h - (h @ g) / (g @ g) * g
+    assert abs(h_perp @ g) < 1e-4
+    direction = g - alpha * h_perp
+    got = flat(_run(sharpness.gsam(optax.sgd(lr), rho, alpha=alpha), steps=1)[0])
+    np.testing.assert_allclose(got, flat(p) - lr * direction, rtol=1e-5, atol=1e-6)
+
+
+def test_asam_one_step_by_hand():
+    rho, lr, eta = 0.5, 0.1, 0.01
+    p = params0()
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    w, h = flat(p), flat(grad(p))
+    t = np.abs(w) + eta
+    eps = rho * t**2 * h / np.linalg.norm(t * h)
+    seen = []
+
+    def recording(q, i):
+        seen.append(flat(q))
+        return grad(q)
+
+    tx = sharpness.asam(optax.sgd(lr), rho, eta)
+    u, _ = tx.update(grad(p), tx.init(p), p, grad_fn=recording)
+    np.testing.assert_allclose(seen[0], w + eps, rtol=1e-5)
+    assert np.all(np.isfinite(flat(u)))
+
+
+def test_asam_is_invariant_to_rescaling_a_block_as_its_paper_states():
+    """ASAM (eta = 0): for f(c*w1, w2/c) = f(w1, w2) (a ReLU layer pair), the perturbation
+    moves with the rescaling and the perturbed loss is the same (Kwon et al. 2021, Thm. 1)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+    y = jax.random.normal(jax.random.PRNGKey(1), (16, 2))
+
+    def f(w):
+        return jnp.mean((jax.nn.relu(x @ w["w1"]) @ w["w2"] - y) ** 2)
+
+    w = {
+        "w1": jax.random.normal(jax.random.PRNGKey(2), (3, 4)),
+        "w2": jax.random.normal(jax.random.PRNGKey(3), (4, 2)),
+    }
+    c = 3.0
+    w_scaled = {"w1": c * w["w1"], "w2": w["w2"] / c}
+    np.testing.assert_allclose(f(w), f(w_scaled), rtol=1e-5)
+
+    def perturbed(tx, w):
+        seen = []
+        tx.update(
+            jax.grad(f)(w), tx.init(w), w, grad_fn=lambda q, i: seen.append(q) or jax.grad(f)(q)
+        )
+        return seen[0]
+
+    asam = sharpness.asam(optax.sgd(0.1), rho=0.5, eta=0.0)
+    a, b = perturbed(asam, w), perturbed(asam, w_scaled)
+    np.testing.assert_allclose(b["w1"], c * a["w1"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b["w2"], a["w2"] / c, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(f(a), f(b), rtol=1e-4)
+    # SAM is not invariant: its perturbed loss changes under the same rescaling.
+    sam = sharpness.sam(optax.sgd(0.1), rho=0.5)
+    assert abs(float(f(perturbed(sam, w)) - f(perturbed(sam, w_scaled)))) > 1e-3
+
+
+def test_smoothing_with_sigma_zero_is_sam():
+    tree_allclose(
+        _run(sharpness.smooth_sam(optax.sgd(0.1), 0.05, sigma=0.0)),
+        _run(sharpness.sam(optax.sgd(0.1), 0.05)),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_smoothing_uses_its_key_and_differs_from_sam():
+    seen = []
+
+    def recording(q, i):
+        seen.append((i, q))
+        return grad(q)
+
+    p = params0()
+    tx = sharpness.smooth_sam(optax.sgd(0.1), 0.05, sigma=0.5, seed=3)
+    s0 = tx.init(p)
+    _, s1 = tx.update(grad(p), s0, p, grad_fn=recording)
+    assert [i for i, _ in seen] == [0, 1]
+    noise = jax.tree.map(jnp.subtract, seen[0][1], p)
+    n = np.concatenate([np.ravel(v) for v in jax.tree.leaves(noise)])
+    assert 0.2 < n.std() < 1.0  # sigma = 0.5
+    assert not np.array_equal(np.asarray(s0.key), np.asarray(s1.key))
+
+
+def test_missing_grad_fn_and_unknown_name_are_clear_errors():
+    tx = sharpness.sam(optax.sgd(0.1), 0.05)
+    p = params0()
+    with pytest.raises(ValueError, match="grad_fn"):
+        tx.update(grad(p), tx.init(p), p)
+    with pytest.raises(ValueError, match="unknown sharpness"):
+        sharpness.make_sharpness("adam", optax.sgd(0.1))
