@@ -72,6 +72,7 @@ _INT = [
     "full_epochs",
 ]
 _FLOAT = [
+    "expert_rho",
     "expert_lr",
     "lr_img",
     "lr_lr",
@@ -91,6 +92,7 @@ _STR = {
     "lr_update": ["backprop", "first_order", "fixed"],
     "hypergrad": ["exact", "truncated"],
     "sharpness": ["none", "sam", "asam", "gsam", "smooth_sam"],
+    "expert_sharpness": ["none", "sam", "asam", "gsam"],
 }
 
 for _n in _INT:
@@ -155,7 +157,9 @@ def build_configs(
                 f"unknown method {m!r}; choose from {configs_lib.METHODS}"
             )
     return [
-        configs_lib.make_run_config(dataset, ipc, m, preset, overrides, data_dir)
+        configs_lib.make_run_config(
+            dataset, ipc, m, preset, overrides, data_dir, strict=len(set(methods)) == 1
+        )
         for ipc in ipcs
         for m in methods
     ]

@@ -64,6 +64,7 @@ class RunConfig:
       eval_every: evaluate the synthetic set every this many iterations (0: only at the end).
       checkpoint_every: checkpoint the distillation state every this many iterations.
       data_dir: where the dataset files are.
+      variant: an ablation variant's name (``""`` for the plain method).
     """
 
     dataset: str
@@ -82,13 +83,15 @@ class RunConfig:
     eval_every: int = 0
     checkpoint_every: int = 100
     data_dir: str | None = None
+    variant: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}_ipc{self.ipc}_{self.method}"
+        """``<dataset>_ipc<k>_<method>`` (or ``..._<variant>`` for an ablation variant)."""
+        return f"{self.dataset}_ipc{self.ipc}_{self.variant or self.method}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +318,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "expert_batch_size": ("experts", "batch_size"),
     "expert_parallel": ("experts", "parallel"),
     "expert_seed": ("experts", "seed"),
+    "expert_sharpness": ("experts", "sharpness"),
+    "expert_rho": ("experts", "rho"),
     # distillation
     "iterations": ("distill", "iterations"),
     "syn_steps": ("distill", "syn_steps"),
@@ -351,6 +356,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "full_epochs": ("run", "full_epochs"),
     "eval_models": ("run", "eval_models"),
 }
+# Settings that only matter with a sharpness-aware outer update.
+_SHARPNESS_ONLY = ("rho", "reuse_trajectory", "sigma", "gsam_alpha", "asam_eta")
 # DSA applies everywhere it is used.
 _DSA_SECTIONS = ("experts", "distill", "eval")
 
@@ -362,11 +369,16 @@ def make_run_config(
     preset: str = "auto",
     overrides: dict[str, Any] | None = None,
     data_dir: str | None = None,
+    strict: bool = True,
 ) -> RunConfig:
     """Builds the config of one run from the preset and flat ``overrides``.
 
     ``overrides`` keys are ``OVERRIDES`` names or ``dsa_strategy`` (which sets the strategy of
     expert training, the inner loop and evaluation together); ``None`` values are ignored.
+    With ``strict=False`` (several methods requested together), settings that only concern
+    SATM's outer loop (``rho``, ``truncate``, ...) are not applied to an ``mtt`` run unless
+    that run's ``sharpness``/``hypergrad`` is overridden too; with ``strict=True`` they are
+    conflicts.
 
     Raises:
       ConfigError: unknown method, preset or override name; conflicting settings.
@@ -375,6 +387,12 @@ def make_run_config(
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     p = get_preset(dataset, ipc, preset)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if method == "mtt" and not strict:
+        if "sharpness" not in overrides:
+            for k in _SHARPNESS_ONLY:
+                overrides.pop(k, None)
+        if "hypergrad" not in overrides:
+            overrides.pop("truncate", None)
     sections: dict[str, Any] = {
         "model": p.model,
         "preprocessing": p.preprocessing,
@@ -416,8 +434,22 @@ def make_run_config(
         raise ConfigError(f"--truncate={d.truncate} exceeds --syn_steps={d.syn_steps}")
     if d.hypergrad == "exact":
         sections["distill"] = d = dataclasses.replace(d, truncate=None)
-    if d.sharpness == "none" and "rho" in overrides:
-        raise ConfigError("--rho has no effect without a sharpness-aware update (--sharpness)")
+    conflicts = [
+        ("rho", d.sharpness == "none", "a sharpness-aware update (--sharpness)"),
+        ("reuse_trajectory", d.sharpness == "none", "a sharpness-aware update (--sharpness)"),
+        ("sigma", d.sharpness != "smooth_sam", "--sharpness=smooth_sam"),
+        ("gsam_alpha", d.sharpness != "gsam", "--sharpness=gsam"),
+        ("asam_eta", d.sharpness != "asam", "--sharpness=asam"),
+        ("lr_label", not d.soft_labels, "--soft_labels"),
+        ("expert_rho", sections["experts"].sharpness == "none", "--expert_sharpness"),
+    ]
+    for flag, inactive, needs in conflicts:
+        if flag in overrides and inactive:
+            raise ConfigError(f"--{flag} has no effect without {needs}")
+    if sections["experts"].sharpness not in ("none", "sam", "asam", "gsam"):
+        raise ConfigError(
+            f"expert sharpness must be none, sam, asam or gsam, got {sections['experts'].sharpness!r}"
+        )
     try:
         d.validate()
     except ValueError as e:

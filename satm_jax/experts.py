@@ -39,8 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
+from satm_jax import sharpness as sharpness_lib
 from satm_jax import train as train_lib
 
 Array = jax.Array
@@ -72,6 +74,10 @@ class ExpertConfig:
       dsa_strategy: DSA families applied to every batch (``"none"`` disables).
       seed: base seed; expert ``i`` uses ``fold_in(PRNGKey(seed), i)``.
       parallel: experts trained at once with ``vmap``.
+      sharpness: ``"none"`` (MTT) or ``"gsam"``/``"sam"``/``"asam"``: flat experts as in FTD
+        (Du et al., CVPR 2023, which trains its experts with GSAM).
+      rho: radius of the experts' sharpness-aware step (FTD: 0.01).
+      gsam_alpha: GSAM's coefficient (FTD's default 0.4).
     """
 
     num_experts: int = 10
@@ -83,6 +89,9 @@ class ExpertConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     seed: int = 0
     parallel: int = 5
+    sharpness: str = "none"
+    rho: float = 0.01
+    gsam_alpha: float = 0.4
 
 
 def _epoch_key(e: int) -> str:
@@ -414,7 +423,16 @@ def make_expert_trainer(
     sgd = train_lib.SGDConfig(
         batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    epoch_fn = train_lib.make_train_epoch(model, augment_fn, sgd)
+    sharp = None
+    if cfg.sharpness != "none":
+        if cfg.sharpness not in ("sam", "asam", "gsam"):
+            raise ValueError(
+                f"expert sharpness must be none, sam, asam or gsam, got {cfg.sharpness!r}"
+            )
+        sharp = sharpness_lib.make_sharpness(
+            cfg.sharpness, optax.identity(), rho=cfg.rho, gsam_alpha=cfg.gsam_alpha
+        )
+    epoch_fn = train_lib.make_train_epoch(model, augment_fn, sgd, sharpness_tx=sharp)
     x0 = jnp.zeros((2, *image_shape), jnp.float32)
 
     def init_one(key):

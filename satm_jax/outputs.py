@@ -94,6 +94,7 @@ class MetricsWriter:
     def iteration(self, it: int, metrics: dict[str, float]) -> None:
         rec = {"iteration": int(it), **{k: float(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()  # a killed run keeps every line up to its last checkpoint
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"distill/{k}", float(v), int(it))
@@ -215,7 +216,8 @@ def format_table(results: dict[str, Any]) -> str:
     rows = results["results"]
     cfg = results.get("config", {})
     cols = sorted({(r["ipc"], r.get("model", "convnet")) for r in rows if r["method"] != "full"})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (_ORDER.get(m, 9), m))
+    key = lambda r: r.get("variant") or r["method"]  # noqa: E731
+    methods = sorted({key(r) for r in rows}, key=lambda m: (_ORDER.get(m, 9), m))
     head = ["method"] + [f"IPC {i}" + ("" if m == "convnet" else f" ({m})") for i, m in cols]
     lines = []
     for m in methods:
@@ -227,7 +229,7 @@ def format_table(results: dict[str, Any]) -> str:
                 (
                     r
                     for r in rows
-                    if r["method"] == m and r["ipc"] == i and r.get("model", "convnet") == mod
+                    if key(r) == m and r["ipc"] == i and r.get("model", "convnet") == mod
                 ),
                 None,
             )

@@ -101,7 +101,10 @@ def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> Non
                 f"{cfg.name}: batch_syn={cfg.distill.batch_syn} exceeds the synthetic set "
                 f"({cfg.ipc * dataset.num_classes} images)"
             )
-        models_lib.build_model(cfg.model, dataset.num_classes)
+        try:
+            models_lib.build_model(cfg.model, dataset.num_classes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         for name in cfg.eval_models:
             if name not in models_lib.MODELS:
                 raise ConfigError(
@@ -139,6 +142,8 @@ def expert_training(cfg: RunConfig) -> dict[str, Any]:
         "weight_decay": e.weight_decay,
         "dsa_strategy": e.dsa_strategy,
         "seed": e.seed,
+        "sharpness": e.sharpness,
+        **({"rho": e.rho, "gsam_alpha": e.gsam_alpha} if e.sharpness != "none" else {}),
     }
 
 
@@ -211,6 +216,7 @@ def _row(method: str, ipc: int, result: evaluate_lib.EvalResult, **extra: Any) -
         "acc_mean": round(result.mean, 4),
         "acc_std": round(result.std, 4),
         "n_eval": int(len(result.accs)),
+        "accs": [round(100.0 * float(a), 4) for a in result.accs],
         **extra,
     }
 
@@ -272,11 +278,53 @@ def full_baseline(
 # --------------------------------------------------------------------------------------------
 
 
-def initial_images(cfg: RunConfig, data: PreparedData) -> tuple[jax.Array, np.ndarray]:
-    """Random real images of each class (preprocessed), class-sorted, and their labels."""
+def initial_set(
+    cfg: RunConfig,
+    data: PreparedData,
+    apply_fn: Callable[..., jax.Array] | None = None,
+    bank: experts_lib.ExpertBank | None = None,
+    log: Log = _print,
+) -> tuple[jax.Array, np.ndarray, jax.Array | None]:
+    """The synthetic set's start: ``(images, class ids, label logits or None)``.
+
+    Random real images of each class (preprocessed), class-sorted. With soft labels (DATM) the
+    images are drawn among real images that an expert (the bank's first, at its last loaded
+    epoch) classifies correctly, and the label logits are the experts' mean logits on them.
+    """
     rng = np.random.default_rng(cfg.distill.seed)
-    idx = data_lib.sample_per_class(rng, data.dataset.train_labels, data.num_classes, cfg.ipc)
-    return data.train_x[jnp.asarray(idx)], data_lib.class_sorted_labels(data.num_classes, cfg.ipc)
+    labels = data_lib.class_sorted_labels(data.num_classes, cfg.ipc)
+    if not cfg.distill.soft_labels:
+        idx = data_lib.sample_per_class(rng, data.dataset.train_labels, data.num_classes, cfg.ipc)
+        return data.train_x[jnp.asarray(idx)], labels, None
+    if apply_fn is None or bank is None:
+        raise ValueError("soft labels need the experts (apply_fn and bank)")
+    last = bank.num_epochs - 1
+    params = jax.tree.map(lambda x: x[:, last], bank.params)
+    first = jax.tree.map(lambda x: x[0], params)
+    predict_one = jax.jit(lambda x: jnp.argmax(apply_fn(first, x), -1))
+    mean_logits = jax.jit(
+        lambda x: jnp.mean(jax.vmap(apply_fn, in_axes=(0, None))(params, x), axis=0)
+    )
+    chosen, short = [], 0
+    train_labels = data.dataset.train_labels
+    for c in range(data.num_classes):
+        cand = rng.permutation(np.flatnonzero(train_labels == c))
+        picked: list[int] = []
+        for i in range(0, len(cand), 256):
+            chunk = cand[i : i + 256]
+            pred = np.asarray(predict_one(data.train_x[jnp.asarray(chunk)]))
+            picked.extend(chunk[pred == c][: cfg.ipc - len(picked)].tolist())
+            if len(picked) == cfg.ipc:
+                break
+        if len(picked) < cfg.ipc:  # too few correct: fill with other images of the class
+            short += cfg.ipc - len(picked)
+            rest = [j for j in cand.tolist() if j not in set(picked)]
+            picked.extend(rest[: cfg.ipc - len(picked)])
+        chosen.extend(picked)
+    if short:
+        log(f"soft labels: {short} initial image(s) are not classified correctly by the expert")
+    images = data.train_x[jnp.asarray(np.asarray(chosen))]
+    return images, labels, mean_logits(images)
 
 
 def final_set(cfg: RunConfig, state: distill_lib.DistillState) -> tuple[jax.Array, jax.Array]:
@@ -308,11 +356,10 @@ def distill_and_evaluate(
     like = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
     bank = store.load_bank(cfg.distill.max_epoch_needed, like=like)
     augment_fn = augment_lib.make_augment(cfg.distill.dsa_strategy)
-    images0, labels0 = initial_images(cfg, data)
-    state = distill_lib.init_state(cfg.distill, images0, labels0)
-    outer_step = distill_lib.make_outer_step(
-        models_lib.make_apply_fn(model), augment_fn, cfg.distill
-    )
+    apply_fn = models_lib.make_apply_fn(model)
+    images0, labels0, logits0 = initial_set(cfg, data, apply_fn, bank, log)
+    state = distill_lib.init_state(cfg.distill, images0, labels0, label_logits=logits0)
+    outer_step = distill_lib.make_outer_step(apply_fn, augment_fn, cfg.distill)
 
     ckpt = checkpoint_lib.DistillCheckpointer(os.path.join(rundir, "checkpoints"), cfg_dict)
     state = ckpt.restore_latest(state, log=log)
@@ -397,6 +444,7 @@ def distill_and_evaluate(
                 distill_s=round(distill_s, 1),
                 nonfinite=int(state.num_nonfinite),
                 reduced=cfg.reduced,
+                **({"variant": cfg.variant} if cfg.variant else {}),
             )
         )
         log(f"{cfg.name} [{name}]: {res.summary()} %")

@@ -91,12 +91,20 @@ def lr_factor(epoch: Array, decay_epochs: tuple[int, ...]) -> Array:
 
 
 def make_train_epoch(
-    model: nn.Module, augment_fn: AugmentFn, cfg: SGDConfig
+    model: nn.Module,
+    augment_fn: AugmentFn,
+    cfg: SGDConfig,
+    sharpness_tx: Any | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """Returns ``epoch(state, key, images, labels, lr) -> (state, metrics)``.
 
     ``labels`` may be integer ids or probability rows. ``lr`` is a scalar array (it can be a
     learned step size). Metrics: mean training loss and accuracy of the epoch.
+
+    ``sharpness_tx``: an optional stateless sharpness-aware transform from
+    ``satm_jax.sharpness`` built on ``optax.identity()`` (e.g. GSAM for FTD's flat experts);
+    it turns each minibatch gradient into the sharpness-aware direction (same batch, same
+    augmentation) before weight decay and momentum.
     """
 
     def loss_fn(params, batch_stats, x, y, w):
@@ -124,7 +132,11 @@ def make_train_epoch(
             bidx, w, k = inp
             x = augment_fn(k, images[bidx])
             y = labels[bidx]
-            (loss, (batch_stats, correct)), g = value_and_grad(params, batch_stats, x, y, w)
+            (loss, (new_stats, correct)), g = value_and_grad(params, batch_stats, x, y, w)
+            if sharpness_tx is not None:
+                grad_fn = lambda p, i: value_and_grad(p, batch_stats, x, y, w)[1]  # noqa: E731
+                g, _ = sharpness_tx.update(g, sharpness_tx.init(params), params, grad_fn=grad_fn)
+            batch_stats = new_stats
             if cfg.weight_decay:
                 g = jax.tree.map(lambda gi, p: gi + cfg.weight_decay * p, g, params)
             if cfg.momentum:

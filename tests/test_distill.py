@@ -233,3 +233,29 @@ def test_config_validation_messages():
         distill.DistillConfig(sharpness="adam").validate()
     with pytest.raises(ValueError, match="min_start_epoch"):
         distill.DistillConfig(min_start_epoch=5, max_start_epoch=5).validate()
+
+
+def test_nan_loss_from_a_bad_expert_skips_only_those_iterations():
+    cfg, apply_fn, bank, x, y = _setup(iterations=8, steps_per_call=4, dsa_strategy="none")
+    # Expert 1's checkpoints are NaN: every iteration that samples it has a NaN loss.
+    bad = experts.ExpertBank(jax.tree.map(lambda a: a.at[1].set(jnp.nan), bank.params))
+    from satm_jax import augment
+
+    seen = []
+    step = distill.make_outer_step(apply_fn, augment.make_augment("none"), cfg)
+    state = distill.run_distillation(
+        distill.init_state(cfg, x, y),
+        bad,
+        cfg,
+        step,
+        progress=False,
+        log=seen.append,
+        metrics_fn=lambda it, m: seen.append((it, m)),
+    )
+    recs = [m for m in seen if isinstance(m, tuple)]
+    nan_its = [m for _, m in recs if m["expert"] == 1]
+    assert nan_its and all(m["finite"] == 0 and np.isnan(m["loss"]) for m in nan_its)
+    assert all(m["finite"] == 1 for _, m in recs if m["expert"] == 0)
+    assert int(state.num_nonfinite) == len(nan_its)
+    assert bool(jnp.all(jnp.isfinite(state.images)))
+    assert any(isinstance(m, str) and "non-finite" in m for m in seen)
