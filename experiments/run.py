@@ -84,7 +84,7 @@ _FLOAT = [
     "lr_label",
     "ema_decay",
 ]
-_BOOL = ["zca", "reuse_trajectory", "soft_labels", "remat"]
+_BOOL = ["zca", "reuse_trajectory", "soft_labels", "remat", "data_parallel"]
 _STR = {
     "model": None,
     "norm": ["instancenorm", "batchnorm", "none"],

@@ -345,6 +345,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "ema_decay": ("distill", "ema_decay"),
     "steps_per_call": ("distill", "steps_per_call"),
     "remat": ("distill", "remat"),
+    "data_parallel": ("distill", "data_parallel"),
     "seed": ("distill", "seed"),
     # evaluation
     "eval_epochs": ("eval", "epochs"),

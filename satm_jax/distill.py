@@ -92,6 +92,7 @@ class DistillConfig:
       dsa_strategy: DSA families for the inner steps (``"none"`` disables).
       remat: ``jax.checkpoint`` each differentiated inner step.
       steps_per_call: outer iterations per jit call.
+      data_parallel: split each inner minibatch across all devices (see ``make_outer_step``).
       max_consecutive_nonfinite: stop after this many non-finite iterations in a row.
       seed: PRNG seed of the distillation.
     """
@@ -126,6 +127,7 @@ class DistillConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     remat: bool = True
     steps_per_call: int = 10
+    data_parallel: bool = False
     max_consecutive_nonfinite: int = 20
     seed: int = 0
 
@@ -319,13 +321,26 @@ def make_outer_step(
     apply_fn: matching.ApplyFn,
     augment_fn: matching.AugmentFn,
     cfg: DistillConfig,
+    mesh: Any | None = None,
 ) -> Callable[[DistillState, experts_lib.ExpertBank], tuple[DistillState, dict[str, Array]]]:
     """Builds ``outer_step(state, bank) -> (state, metrics)`` (pure; jit it).
 
     Metrics: ``loss`` (matching loss at the unperturbed images), ``syn_lr``, ``grad_norm``,
     ``start_epoch``, ``expert``, ``finite`` (1 if the iteration was applied).
+
+    ``mesh``: a ``jax.sharding.Mesh`` (``satm_jax.parallel.make_mesh``) to split every inner
+    step's synthetic minibatch across devices (data parallel; the parameter gradient's batch
+    mean becomes an all-reduce). ``None`` runs on one device.
     """
     cfg.validate()
+    if mesh is not None:
+        from satm_jax import parallel
+
+        base_augment = augment_fn
+
+        def augment_fn(key, x):
+            return parallel.constrain_batch(base_augment(key, x), mesh)
+
     img_tx = make_image_transform(cfg)
     lr_tx = make_lr_transform(cfg)
     label_tx = make_label_transform(cfg)

@@ -458,14 +458,24 @@ def train_experts(
     test_images: Array | None = None,
     test_labels: Array | None = None,
     progress: bool = True,
+    mesh: Any | None = None,
 ) -> list[tuple[int, list[Params], float | None]]:
     """Trains experts ``indices`` together (one ``vmap`` group) for ``cfg.epochs`` epochs.
+
+    With a ``mesh`` (``satm_jax.parallel.make_mesh``) whose size divides the group, the expert
+    axis is split across its devices (each device trains its share; the data are replicated).
 
     Returns ``[(index, [theta_0, ..., theta_E], test_acc), ...]``; each ``theta`` is a host
     (NumPy) parameter tree.
     """
+    from satm_jax import parallel
+
     init, epoch = make_expert_trainer(model, train_images.shape[1:], cfg, augment_fn)
     keys = jnp.stack([expert_key(cfg.seed, i) for i in indices])
+    if mesh is not None and len(indices) % parallel.num_devices(mesh) == 0:
+        keys = parallel.shard_leading(keys, mesh)
+        train_images = parallel.replicate(train_images, mesh)
+        train_labels = parallel.replicate(train_labels, mesh)
     k_init = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     states = init(k_init)
     host = lambda s: jax.tree.map(np.asarray, s.params)  # noqa: E731
@@ -507,6 +517,7 @@ def generate_experts(
     test_labels: Array | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    mesh: Any | None = None,
 ) -> ExpertStore:
     """Trains the store's missing experts, ``cfg.parallel`` at a time, saving each group as it
     finishes (an interrupted run resumes with the experts still missing)."""
@@ -529,6 +540,7 @@ def generate_experts(
             test_images=test_images,
             test_labels=test_labels,
             progress=progress,
+            mesh=mesh,
         )
         for i, traj, acc in results:
             store.save_expert(i, traj, acc)

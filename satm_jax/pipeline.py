@@ -36,6 +36,7 @@ from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib
 from satm_jax import models as models_lib
 from satm_jax import outputs as outputs_lib
+from satm_jax import parallel
 from satm_jax.configs import ConfigError, RunConfig
 
 Log = Callable[[str], None]
@@ -190,6 +191,7 @@ def ensure_experts(
         test_labels=data.test_y,
         progress=progress,
         log=log,
+        mesh=parallel.make_mesh() if len(jax.devices()) > 1 else None,
     )
     accs = list(store.manifest["test_acc"].values())
     if accs:
@@ -359,10 +361,14 @@ def distill_and_evaluate(
     apply_fn = models_lib.make_apply_fn(model)
     images0, labels0, logits0 = initial_set(cfg, data, apply_fn, bank, log)
     state = distill_lib.init_state(cfg.distill, images0, labels0, label_logits=logits0)
-    outer_step = distill_lib.make_outer_step(apply_fn, augment_fn, cfg.distill)
+    mesh = parallel.make_mesh() if cfg.distill.data_parallel else None
+    outer_step = distill_lib.make_outer_step(apply_fn, augment_fn, cfg.distill, mesh=mesh)
 
     ckpt = checkpoint_lib.DistillCheckpointer(os.path.join(rundir, "checkpoints"), cfg_dict)
     state = ckpt.restore_latest(state, log=log)
+    if mesh is not None:
+        state, bank = parallel.replicate((state, bank), mesh)
+        log(f"{cfg.name}: inner minibatches split across {parallel.num_devices(mesh)} devices")
     metrics_log = outputs_lib.MetricsWriter(rundir, start_iteration=int(state.iteration))
     evals = outputs_lib.read_json(os.path.join(rundir, "evals.json")) or {}
 
