@@ -151,18 +151,7 @@ def build_configs(
     from satm_jax import data as data_lib
 
     data_lib.check_dataset_name(dataset)
-    for m in methods:
-        if m not in configs_lib.METHODS:
-            raise configs_lib.ConfigError(
-                f"unknown method {m!r}; choose from {configs_lib.METHODS}"
-            )
-    return [
-        configs_lib.make_run_config(
-            dataset, ipc, m, preset, overrides, data_dir, strict=len(set(methods)) == 1
-        )
-        for ipc in ipcs
-        for m in methods
-    ]
+    return configs_lib.make_run_configs(dataset, ipcs, methods, preset, overrides, data_dir)
 
 
 def parse_ipcs(values: list[str] | None, dataset: str) -> list[int]:

@@ -14,7 +14,9 @@ refused with the list of differences.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -22,10 +24,20 @@ from typing import Any
 import jax
 import numpy as np
 
-from satm_jax.configs import ConfigError
-
 # Changing these does not change what a resumed run computes.
 _RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models")
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Silences orbax's per-save INFO lines (it logs through absl) for the block."""
+    logger = logging.getLogger("absl")
+    old = logger.level
+    logger.setLevel(max(old, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 class CheckpointError(Exception):
@@ -107,6 +119,8 @@ class DistillCheckpointer:
             except (OSError, json.JSONDecodeError):
                 stored = None
             if stored is not None:
+                from satm_jax.configs import ConfigError
+
                 diffs = _diff(_comparable(stored), _comparable(self.config))
                 if diffs:
                     raise ConfigError(
@@ -127,13 +141,15 @@ class DistillCheckpointer:
         step = int(state.iteration)
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=self._ocp.args.PyTreeSave(_flatten(state)))
-        self.manager.wait_until_finished()
+        with quiet_orbax():
+            self.manager.save(step, args=self._ocp.args.PyTreeSave(_flatten(state)))
+            self.manager.wait_until_finished()
 
     def restore(self, step: int, like: Any) -> Any:
         flat_like = _flatten(like)
         item = {k: np.zeros(v.shape, v.dtype) for k, v in flat_like.items()}
-        restored = self.manager.restore(step, args=self._ocp.args.PyTreeRestore(item=item))
+        with quiet_orbax():
+            restored = self.manager.restore(step, args=self._ocp.args.PyTreeRestore(item=item))
         return _unflatten(restored, like)
 
     def restore_latest(self, like: Any, log: Callable[[str], None] = print) -> Any:

@@ -466,3 +466,33 @@ def make_run_config(
         **sections,
         **run_fields,
     )
+
+
+def make_run_configs(
+    dataset: str,
+    ipcs: list[int],
+    methods: list[str],
+    preset: str = "auto",
+    overrides: dict[str, Any] | None = None,
+    data_dir: str | None = None,
+) -> list[RunConfig]:
+    """One ``RunConfig`` per (IPC, method), as ``python -m experiments.run`` builds them.
+
+    Settings that concern only SATM's outer loop are conflicts when ``methods`` is just
+    ``["mtt"]`` and are applied to the SATM runs only when both methods are requested.
+
+    Raises:
+      ConfigError: unknown method, preset or setting, conflicting settings, IPC < 1.
+    """
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"unknown method {bad[0]!r}; choose one of {METHODS}")
+    low = [i for i in ipcs if i < 1]
+    if low:
+        raise ConfigError(f"--ipc must be >= 1, got {low}")
+    strict = len(set(methods)) == 1
+    return [
+        make_run_config(dataset, ipc, m, preset, overrides, data_dir, strict=strict)
+        for ipc in ipcs
+        for m in methods
+    ]

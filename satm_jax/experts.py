@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from satm_jax import sharpness as sharpness_lib
 from satm_jax import train as train_lib
+from satm_jax.checkpoint import quiet_orbax
 
 Array = jax.Array
 Params = Any
@@ -284,7 +285,8 @@ class ExpertStore:
         path = os.path.join(self.directory, _expert_dir(index))
         if os.path.exists(path):
             shutil.rmtree(path)  # an unfinished earlier attempt
-        ocp.PyTreeCheckpointer().save(path, tree)
+        with quiet_orbax():
+            ocp.PyTreeCheckpointer().save(path, tree)
         self.manifest["completed"] = sorted(set(self.completed()) | {int(index)})
         if test_acc is not None:
             self.manifest["test_acc"][str(index)] = float(test_acc)
@@ -305,7 +307,8 @@ class ExpertStore:
             structure = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
             item = {_epoch_key(e): structure[_epoch_key(e)] for e in epochs}
             item = jax.tree.map(lambda _: 0, item)
-            out = ck.restore(path, args=ocp.args.PyTreeRestore(item=item, partial_restore=True))
+            with quiet_orbax():
+                out = ck.restore(path, args=ocp.args.PyTreeRestore(item=item, partial_restore=True))
         except Exception as e:  # orbax raises many types for damaged files
             raise ExpertError(
                 f"cannot read expert {index} at {path}: {type(e).__name__}: {e}. "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -175,6 +175,8 @@ def export_distilled(path: str, cfg: Any, data: Any, state: Any, images: Any) ->
         soft_labels=np.asarray(bool(cfg.distill.soft_labels)),
         syn_lr=np.asarray(float(state.syn_lr), np.float32),
         iteration=np.asarray(int(state.iteration)),
+        num_classes=np.asarray(int(data.num_classes)),
+        class_names=np.asarray(list(data.dataset.class_names)),
         config=np.asarray(json.dumps(cfg.to_dict(), default=_default)),
     )
     os.replace(path + ".tmp.npz", path)
@@ -201,6 +203,10 @@ def load_distilled(path: str) -> dict[str, Any]:
     out["config"] = json.loads(str(out["config"]))
     out["syn_lr"] = float(out["syn_lr"])
     out["soft_labels"] = bool(out.get("soft_labels", False))
+    if "class_names" in out:
+        out["class_names"] = [str(c) for c in out["class_names"]]
+    if "num_classes" in out:
+        out["num_classes"] = int(out["num_classes"])
     return out
 
 
@@ -211,52 +217,76 @@ def load_distilled(path: str) -> dict[str, Any]:
 _ORDER = {"random": 0, "mtt": 1, "satm": 2, "full": 3}
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: one row per method, one column per IPC (and evaluation model)."""
+class ResultsTable(NamedTuple):
+    """The results as a table: ``header`` and ``rows`` are lists of cell strings."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    footer: list[str]
+
+
+def results_table(results: dict[str, Any]) -> ResultsTable:
+    """One row per method (or ablation variant), one column per IPC (and evaluation model)."""
     rows = results["results"]
     cfg = results.get("config", {})
     cols = sorted({(r["ipc"], r.get("model", "convnet")) for r in rows if r["method"] != "full"})
     key = lambda r: r.get("variant") or r["method"]  # noqa: E731
     methods = sorted({key(r) for r in rows}, key=lambda m: (_ORDER.get(m, 9), m))
-    head = ["method"] + [f"IPC {i}" + ("" if m == "convnet" else f" ({m})") for i, m in cols]
+    header = ["method"] + [f"IPC {i}" + ("" if m == "convnet" else f" ({m})") for i, m in cols]
     lines = []
     for m in methods:
         if m == "full":
             continue
         cells = [m]
         for i, mod in cols:
-            r = next(
-                (
-                    r
-                    for r in rows
-                    if key(r) == m and r["ipc"] == i and r.get("model", "convnet") == mod
-                ),
-                None,
+            match = [
+                r
+                for r in rows
+                if key(r) == m and r["ipc"] == i and r.get("model", "convnet") == mod
+            ]
+            cells.append(
+                f"{match[0]['acc_mean']:.2f} +- {match[0]['acc_std']:.2f}" if match else "-"
             )
-            cells.append(f"{r['acc_mean']:.2f} +- {r['acc_std']:.2f}" if r else "-")
         lines.append(cells)
-    widths = [max(len(x[j]) for x in [head] + lines) for j in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     title = f"test accuracy (%) on {cfg.get('dataset', '?')}, preset {cfg.get('preset', '?')}"
     if cfg.get("reduced"):
         title += " (REDUCED protocol, not the published one)"
-    out = [title, fmt(head)] + [fmt(c) for c in lines]
-    full = [r for r in rows if r["method"] == "full"]
+    footer = [
+        f"full training set ({r.get('n_train', '?')} images, {r.get('epochs', '?')} epochs): "
+        f"{r['acc_mean']:.2f} +- {r['acc_std']:.2f}"
+        for r in rows
+        if r["method"] == "full"
+    ]
     n_eval = sorted({r["n_eval"] for r in rows})
-    for r in full:
-        out.append(
-            f"full training set ({r.get('n_train', '?')} images, {r.get('epochs', '?')} epochs): "
-            f"{r['acc_mean']:.2f} +- {r['acc_std']:.2f}"
-        )
-    out.append(
-        f"mean +- std over {','.join(map(str, n_eval))} evaluation networks; wall {results.get('wall_s', 0):.0f}s"
+    footer.append(
+        f"mean +- std over {','.join(map(str, n_eval))} evaluation networks; "
+        f"wall {results.get('wall_s', 0):.0f}s"
     )
+    return ResultsTable(title, header, lines, footer)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """``results_table`` as aligned plain text."""
+    t = results_table(results)
+    widths = [max(len(x[j]) for x in [t.header] + t.rows) for j in range(len(t.header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([t.title, fmt(t.header)] + [fmt(c) for c in t.rows] + t.footer)
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """``results_table`` as a Markdown table (for notebooks and docs)."""
+    t = results_table(results)
+    out = [f"**{t.title}**", "", "| " + " | ".join(t.header) + " |"]
+    out.append("|" + "---|" * len(t.header))
+    out += ["| " + " | ".join(r) + " |" for r in t.rows]
+    out += [""] + [f"{f}  " for f in t.footer]
     return "\n".join(out)
 
 
 def write_results_table(path: str, results: dict[str, Any]) -> str:
-    """``results.md``: the table of ``format_table`` in a Markdown code block."""
+    """``results.md``: the Markdown table of ``format_markdown``."""
     with open(path + ".tmp", "w") as f:
-        f.write("```\n" + format_table(results) + "\n```\n")
+        f.write(format_markdown(results) + "\n")
     os.replace(path + ".tmp", path)
     return path

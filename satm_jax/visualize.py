@@ -54,6 +54,17 @@ def image_grid(
     return out
 
 
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib Figure with its own Agg canvas: no pyplot, no global backend change
+    (notebooks keep their inline plotting)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_image_grid(
     path: str,
     images: np.ndarray,
@@ -63,11 +74,6 @@ def save_image_grid(
     title: str | None = None,
 ) -> str:
     """Writes ``image_grid(...)`` as a PNG, upscaled so small images stay visible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grid = image_grid(images, labels, num_classes)
     if scale is None:
         scale = (
@@ -76,14 +82,16 @@ def save_image_grid(
     grid = np.kron(grid, np.ones((scale, scale, 1), np.float32))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if title is None:
-        plt.imsave(path, grid)
+        import matplotlib.image
+
+        matplotlib.image.imsave(path, grid)
         return path
-    fig = plt.figure(figsize=(grid.shape[1] / 100 + 0.2, grid.shape[0] / 100 + 0.5), dpi=100)
-    plt.imshow(grid, interpolation="nearest")
-    plt.axis("off")
-    plt.title(title, fontsize=8)
+    fig = _figure((grid.shape[1] / 100 + 0.2, grid.shape[0] / 100 + 0.5))
+    ax = fig.add_subplot()
+    ax.imshow(grid, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(title, fontsize=8)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -96,12 +104,8 @@ def plot_history(
     title: str = "",
 ) -> str:
     """Matching loss over iterations and (if any) evaluation accuracy, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax1 = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = _figure((7, 4))
+    ax1 = fig.add_subplot()
     ax1.plot(iterations, losses, color="tab:blue", lw=0.8, label="matching loss")
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("matching loss", color="tab:blue")
@@ -113,5 +117,4 @@ def plot_history(
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
