@@ -57,6 +57,8 @@ def test_auto_convolution_is_patches_on_cpu():
         ((32, 32, 3), 10, None, 320_010),
         ((32, 32, 3), 100, None, 504_420),
         ((64, 64, 3), 200, None, 857_160),
+        # MNIST-style: the first convolution pads 1-channel inputs by 3 (28 -> 32), as MTT's.
+        ((28, 28, 1), 10, None, 1_280 + 256 + 2 * (147_584 + 256) + 128 * 4 * 4 * 10 + 10),
     ],
 )
 def test_parameter_counts_match_mtt(shape, classes, depth, expected):
