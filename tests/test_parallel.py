@@ -18,8 +18,17 @@ def test_data_parallel_outer_step_matches_one_device():
     _, apply_fn, params, _, x, y = tiny_problem(n=16, classes=4)
     bank = _bank(params)
     cfg = distill.DistillConfig(
-        ipc=4, syn_steps=3, expert_epochs=1, max_start_epoch=3, lr_img=10.0, lr_teacher=0.05,
-        batch_syn=8, sharpness="sam", rho=0.1, hypergrad="truncated", truncate=2,
+        ipc=4,
+        syn_steps=3,
+        expert_epochs=1,
+        max_start_epoch=3,
+        lr_img=10.0,
+        lr_teacher=0.05,
+        batch_syn=8,
+        sharpness="sam",
+        rho=0.1,
+        hypergrad="truncated",
+        truncate=2,
         lr_update="first_order",
     )
     aug = augment.make_augment("crop_flip_scale")
@@ -45,11 +54,15 @@ def test_experts_trained_across_devices_match_one_device(digits):
     net = models.ConvNet(num_classes=10, width=4, depth=1)
     x = jnp.asarray(digits.train_images[:128], jnp.float32) / 255.0
     y = jnp.asarray(digits.train_labels[:128])
-    cfg = experts.ExpertConfig(num_experts=8, epochs=2, batch_size=64, parallel=8, dsa_strategy="crop")
+    cfg = experts.ExpertConfig(
+        num_experts=8, epochs=2, batch_size=64, parallel=8, dsa_strategy="crop"
+    )
     aug = augment.make_augment("crop")
     ids = list(range(8))
     one = experts.train_experts(net, cfg, x, y, ids, augment_fn=aug, progress=False)
-    many = experts.train_experts(net, cfg, x, y, ids, augment_fn=aug, progress=False, mesh=parallel.make_mesh())
+    many = experts.train_experts(
+        net, cfg, x, y, ids, augment_fn=aug, progress=False, mesh=parallel.make_mesh()
+    )
     for (i, t1, _), (j, t8, _) in zip(one, many):
         assert i == j
         tree_allclose(t8[-1], t1[-1], rtol=1e-4, atol=1e-5)
