@@ -126,7 +126,8 @@ def _digits_preset(ipc: int) -> Preset:
             "structure with fewer experts, epochs, iterations and evaluation epochs)"
         ),
         reduced=True,
-        model=ModelConfig(width=64, depth=2),
+        # 8x8 digits: pad the first convolution by 1, not MTT's 3 for 1-channel 28x28 inputs.
+        model=ModelConfig(width=64, depth=2, first_padding=1),
         preprocessing=Preprocessing(zca=False),
         experts=ExpertConfig(
             num_experts=10, epochs=12, batch_size=64, dsa_strategy=_DIGITS_DSA, parallel=10

@@ -199,9 +199,9 @@ class ConvNet(nn.Module):
       norm: ``"instancenorm"`` (MTT's default), ``"batchnorm"`` or ``"none"``.
       conv_impl: ``"auto"``, ``"patches"`` or ``"lax"`` (see the module docstring).
 
-    As in the reference, the first convolution pads single-channel inputs by 3 pixels instead
-    of 1 (28x28 MNIST-style images become 32x32 feature maps, so the classifier sees 4x4 after
-    three blocks).
+      first_padding: zero padding of the first convolution. ``None`` follows the reference:
+        3 pixels for single-channel inputs (28x28 MNIST-style images become 32x32 feature
+        maps, so the classifier sees 4x4 after three blocks), 1 otherwise.
     """
 
     num_classes: int
@@ -209,12 +209,19 @@ class ConvNet(nn.Module):
     depth: int | None = None
     norm: str = "instancenorm"
     conv_impl: str = "auto"
+    first_padding: int | None = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool = True) -> Array:
         depth = self.depth if self.depth is not None else default_depth(x.shape[1])
         for d in range(depth):
-            pad = 3 if d == 0 and x.shape[-1] == 1 else 1
+            pad = 1
+            if d == 0:
+                pad = (
+                    self.first_padding
+                    if self.first_padding is not None
+                    else (3 if x.shape[-1] == 1 else 1)
+                )
             x = Conv(self.width, padding=pad, conv_impl=self.conv_impl)(x)
             x = make_norm(self.norm, train)(x)
             x = nn.relu(x)
@@ -238,6 +245,7 @@ class ModelConfig:
       depth: ConvNet depth; ``None`` follows the resolution.
       norm: normalisation layer (``NORMS``).
       conv_impl: convolution implementation (``CONV_IMPLS``).
+      first_padding: ConvNet's first-convolution padding (``None``: the reference's rule).
     """
 
     name: str = "convnet"
@@ -245,6 +253,7 @@ class ModelConfig:
     depth: int | None = None
     norm: str = "instancenorm"
     conv_impl: str = "auto"
+    first_padding: int | None = None
 
     def resolved(self, resolution: int) -> ModelConfig:
         """The config with ``depth`` filled in from the resolution (for manifests)."""
@@ -266,6 +275,7 @@ def _convnet(cfg: ModelConfig, num_classes: int) -> nn.Module:
         depth=cfg.depth,
         norm=cfg.norm,
         conv_impl=cfg.conv_impl,
+        first_padding=cfg.first_padding,
     )
 
 

@@ -551,6 +551,7 @@ def train_and_evaluate(
         return out
 
     done_random: set[int] = set()
+    stores: dict[str, experts_lib.ExpertStore] = {}
     for cfg in configs:
         data = data_for(cfg)
         if baselines and cfg.ipc not in done_random:
@@ -574,7 +575,10 @@ def train_and_evaluate(
             rows.append(_row("random", cfg.ipc, res, model="convnet", reduced=cfg.reduced))
             log(f"random real images, ipc {cfg.ipc}: {res.summary()} %")
             write_results()
-        store = ensure_experts(cfg, data, workdir, progress=progress, log=log)
+        edir = expert_dir(workdir, cfg, data)
+        if edir not in stores:  # runs with the same expert configuration share the store
+            stores[edir] = ensure_experts(cfg, data, workdir, progress=progress, log=log)
+        store = stores[edir]
         rows.extend(distill_and_evaluate(cfg, data, store, workdir, progress=progress, log=log))
         write_results()
 
