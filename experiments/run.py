@@ -127,6 +127,13 @@ for _n, _choices in _STR.items():
             None,
             f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
         )
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0; calls jax.distributed.initialize before any work.",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.DEFINE_list(
     "eval_models",
     None,
@@ -178,6 +185,12 @@ def main(argv):
     from satm_jax.checkpoint import CheckpointError
     from satm_jax.experts import ExpertError
 
+    if FLAGS.coordinator_address:
+        from satm_jax import parallel
+
+        parallel.initialize_distributed(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
     try:
         ipcs = parse_ipcs(FLAGS.ipc, FLAGS.dataset)
         cfgs = build_configs(

@@ -149,6 +149,12 @@ def expert_training(cfg: RunConfig) -> dict[str, Any]:
 
 
 def expert_dir(workdir: str, cfg: RunConfig, data: PreparedData) -> str:
+    """The store for ``cfg``: an existing finished one in ``workdir/experts`` that matches the
+    spec and the training settings and has at least as many experts and epochs, else a new
+    folder named by a hash of the configuration."""
+    found = _compatible_store(workdir, cfg, data)
+    if found is not None:
+        return found
     key = json.dumps(
         {
             "spec": expert_spec(cfg, data),
@@ -161,11 +167,34 @@ def expert_dir(workdir: str, cfg: RunConfig, data: PreparedData) -> str:
     return os.path.join(workdir, "experts", f"{cfg.dataset}-{digest}")
 
 
+def _compatible_store(workdir: str, cfg: RunConfig, data: PreparedData) -> str | None:
+    root = os.path.join(workdir, "experts")
+    if not os.path.isdir(root):
+        return None
+    spec = _jsonable(expert_spec(cfg, data))
+    training = _jsonable(expert_training(cfg))
+    for name in sorted(os.listdir(root)):
+        m = outputs_lib.read_json(os.path.join(root, name, experts_lib.MANIFEST))
+        if (
+            m is not None
+            and m.get("spec") == spec
+            and m.get("training") == training
+            and m.get("epochs", 0) > cfg.experts.epochs
+            and len(m.get("completed", [])) >= cfg.experts.num_experts
+        ):
+            return os.path.join(root, name)
+    return None
+
+
 def ensure_experts(
     cfg: RunConfig, data: PreparedData, workdir: str, *, progress: bool = True, log: Log = _print
 ) -> experts_lib.ExpertStore:
     """Opens (or creates) the expert store for ``cfg`` and trains its missing experts."""
     directory = expert_dir(workdir, cfg, data)
+    manifest = outputs_lib.read_json(os.path.join(directory, experts_lib.MANIFEST))
+    if manifest is not None and manifest.get("epochs", 0) > cfg.experts.epochs:
+        log(f"experts: reusing {directory} (trained for {manifest['epochs']} epochs)")
+        return experts_lib.ExpertStore.open(directory, expert_spec(cfg, data))
     store = experts_lib.ExpertStore.open_or_create(
         directory,
         expert_spec(cfg, data),

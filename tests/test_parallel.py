@@ -76,3 +76,11 @@ def test_shard_leading_refuses_indivisible_axes():
 
     with pytest.raises(ValueError, match="not divisible"):
         parallel.shard_leading(jnp.zeros((6, 3)), mesh)
+
+
+def test_multi_host_initialisation_passes_the_launch_arguments(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: seen.update(kw))
+    parallel.initialize_distributed("10.0.0.1:1234", 4, 2)
+    assert seen == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+    assert parallel.is_main_process()  # a single process is process 0

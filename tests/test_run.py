@@ -123,3 +123,28 @@ def test_validate_configs_checks_the_expert_window(digits):
         pipeline.validate_configs([cfg], digits)
     with pytest.raises(data.DatasetError, match="smallest class"):
         pipeline.validate_configs([configs.make_run_config("digits", 200, "mtt")], digits)
+
+
+def test_runs_reuse_a_store_trained_for_more_epochs(tmp_path, digits):
+    from satm_jax import experts
+
+    short = configs.make_run_config("digits", 1, "mtt", overrides={"expert_train_epochs": 8})
+    long = configs.make_run_config("digits", 1, "mtt", overrides={"expert_train_epochs": 12})
+    data = pipeline.PreparedData(digits, None, None, None, None, None)
+    wd = str(tmp_path)
+    d_long = pipeline.expert_dir(wd, long, data)
+    store = experts.ExpertStore.create(
+        d_long,
+        pipeline.expert_spec(long, data),
+        num_experts=10,
+        epochs=12,
+        training=pipeline.expert_training(long),
+    )
+    assert pipeline.expert_dir(wd, short, data) != d_long  # not finished yet
+    store.manifest["completed"] = list(range(10))
+    store._write_manifest()
+    assert pipeline.expert_dir(wd, short, data) == d_long
+    other = configs.make_run_config(
+        "digits", 1, "mtt", overrides={"expert_train_epochs": 8, "expert_lr": 0.02}
+    )
+    assert pipeline.expert_dir(wd, other, data) != d_long  # trained differently
