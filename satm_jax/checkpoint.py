@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from satm_jax.outputs import json_diff
+
 # Changing these does not change what a resumed run computes.
 _RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models")
 
@@ -74,15 +76,6 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r}, now {b!r}"]
-
-
 class DistillCheckpointer:
     """Saves and restores a run's ``DistillState`` under ``directory``.
 
@@ -121,7 +114,9 @@ class DistillCheckpointer:
             if stored is not None:
                 from satm_jax.configs import ConfigError
 
-                diffs = _diff(_comparable(stored), _comparable(self.config))
+                diffs = json_diff(
+                    _comparable(stored), _comparable(self.config), "checkpoint", "now"
+                )
                 if diffs:
                     raise ConfigError(
                         f"{self.directory} holds checkpoints of a run with another "

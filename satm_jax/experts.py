@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from satm_jax import sharpness as sharpness_lib
 from satm_jax import train as train_lib
 from satm_jax.checkpoint import quiet_orbax
+from satm_jax.outputs import json_diff, to_jsonable
 
 Array = jax.Array
 Params = Any
@@ -103,24 +104,6 @@ def _expert_dir(i: int) -> str:
     return f"expert_{i:04d}"
 
 
-def _diff(stored: Any, requested: Any, prefix: str = "") -> list[str]:
-    """Human-readable list of fields where two JSON-like values differ."""
-    if isinstance(stored, dict) and isinstance(requested, dict):
-        out = []
-        for k in sorted(set(stored) | set(requested)):
-            out += _diff(stored.get(k, "<absent>"), requested.get(k, "<absent>"), f"{prefix}{k}.")
-        return out
-    if isinstance(stored, (list, tuple)) and isinstance(requested, (list, tuple)):
-        stored, requested = list(stored), list(requested)
-    if stored != requested:
-        return [f"{prefix.rstrip('.')}: stored {stored!r}, requested {requested!r}"]
-    return []
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
 class ExpertStore:
     """A directory of expert trajectories with a manifest.
 
@@ -150,10 +133,10 @@ class ExpertStore:
             raise ExpertError(f"{directory} already holds an expert store; open it instead")
         manifest = {
             "format_version": FORMAT_VERSION,
-            "spec": _jsonable(spec),
+            "spec": to_jsonable(spec),
             "num_experts": int(num_experts),
             "epochs": int(epochs),
-            "training": _jsonable(training or {}),
+            "training": to_jsonable(training or {}),
             "completed": [],
             "test_acc": {},
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -216,7 +199,9 @@ class ExpertStore:
         if os.path.exists(os.path.join(directory, MANIFEST)):
             store = cls.open(directory, spec)
             if training is not None:
-                diffs = _diff(store.manifest["training"], _jsonable(training), "training.")
+                diffs = json_diff(
+                    store.manifest["training"], to_jsonable(training), prefix="training."
+                )
                 if store.manifest["epochs"] != epochs:
                     diffs.append(f"epochs: stored {store.manifest['epochs']}, requested {epochs}")
                 if diffs:
@@ -235,7 +220,7 @@ class ExpertStore:
 
     def check_spec(self, spec: dict[str, Any]) -> None:
         """Raises ``ExpertMismatchError`` listing fields where the stored spec differs."""
-        diffs = _diff(self.manifest["spec"], _jsonable(spec))
+        diffs = json_diff(self.manifest["spec"], to_jsonable(spec))
         if diffs:
             raise ExpertMismatchError(
                 f"the experts in {self.directory} do not match this run:\n  "
@@ -546,6 +531,16 @@ def generate_experts(
             mesh=mesh,
         )
         for i, traj, acc in results:
+            bad = [
+                e
+                for e, p in enumerate(traj)
+                if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p))
+            ]
+            if bad:
+                raise ExpertError(
+                    f"expert {i} diverged: non-finite parameters from epoch {bad[0]} on; it was "
+                    f"not saved. Lower the experts' learning rate (--expert_lr, now {cfg.lr})."
+                )
             store.save_expert(i, traj, acc)
         bar.update(len(group))
         accs = [a for _, _, a in results if a is not None]

@@ -42,6 +42,27 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
+def to_jsonable(x: Any) -> Any:
+    """``x`` as plain JSON values (tuples become lists, NumPy scalars numbers)."""
+    return json.loads(json.dumps(x, default=_default))
+
+
+def json_diff(
+    a: Any, b: Any, left: str = "stored", right: str = "requested", prefix: str = ""
+) -> list[str]:
+    """Human-readable list of the fields where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += json_diff(
+                a.get(k, "<absent>"), b.get(k, "<absent>"), left, right, f"{prefix}{k}."
+            )
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [f"{prefix.rstrip('.')}: {left} {a!r}, {right} {b!r}"]
+
+
 def read_json(path: str) -> Any | None:
     """The JSON content of ``path``; ``None`` if it is missing or unreadable."""
     try:

@@ -171,8 +171,8 @@ def _compatible_store(workdir: str, cfg: RunConfig, data: PreparedData) -> str |
     root = os.path.join(workdir, "experts")
     if not os.path.isdir(root):
         return None
-    spec = _jsonable(expert_spec(cfg, data))
-    training = _jsonable(expert_training(cfg))
+    spec = outputs_lib.to_jsonable(expert_spec(cfg, data))
+    training = outputs_lib.to_jsonable(expert_training(cfg))
     for name in sorted(os.listdir(root)):
         m = outputs_lib.read_json(os.path.join(root, name, experts_lib.MANIFEST))
         if (
@@ -376,7 +376,7 @@ def distill_and_evaluate(
     """Condenses with ``cfg``, evaluates the result, writes the run's outputs; returns rows."""
     rundir = os.path.join(workdir, "runs", cfg.name)
     os.makedirs(rundir, exist_ok=True)
-    cfg_dict = _jsonable(cfg.to_dict())
+    cfg_dict = outputs_lib.to_jsonable(cfg.to_dict())
     cached = outputs_lib.read_json(os.path.join(rundir, "result.json"))
     if cached is not None and cached.get("config") == cfg_dict and cached.get("complete"):
         log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
@@ -396,6 +396,12 @@ def distill_and_evaluate(
     ckpt = checkpoint_lib.DistillCheckpointer(os.path.join(rundir, "checkpoints"), cfg_dict)
     state = ckpt.restore_latest(state, log=log)
     if mesh is not None:
+        batch = min(cfg.distill.batch_syn or state.images.shape[0], state.images.shape[0])
+        if batch % parallel.num_devices(mesh):
+            log(
+                f"warning: the inner minibatch ({batch}) is not divisible by "
+                f"{parallel.num_devices(mesh)} devices; it will not be split"
+            )
         state, bank = parallel.replicate((state, bank), mesh)
         log(f"{cfg.name}: inner minibatches split across {parallel.num_devices(mesh)} devices")
     metrics_log = outputs_lib.MetricsWriter(rundir, start_iteration=int(state.iteration))
@@ -420,6 +426,7 @@ def distill_and_evaluate(
         outputs_lib.write_json(os.path.join(rundir, "evals.json"), evals)
         metrics_log.scalar(it, "eval/acc_mean", res.mean)
         outputs_lib.save_synthetic_grid(rundir, cfg, data, x, y, it)
+        outputs_lib.plot_run(rundir, cfg)
         log(f"{cfg.name} iteration {it}: {res.summary()} % ({cfg.eval.num_models} nets)")
 
     t0 = time.time()
@@ -494,8 +501,15 @@ def distill_and_evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+def _baseline_key(cfg: RunConfig, **extra: Any) -> dict[str, Any]:
+    """What a cached baseline result must match to be reused."""
+    return {
+        "dataset": cfg.dataset,
+        "eval": outputs_lib.to_jsonable(dataclasses.asdict(cfg.eval)),
+        "model": outputs_lib.to_jsonable(dataclasses.asdict(cfg.model)),
+        "preprocessing": cfg.preprocessing.identity(),
+        **extra,
+    }
 
 
 def _cached_baseline(
@@ -568,7 +582,7 @@ def train_and_evaluate(
         "preset": first.preset,
         "source": first.source,
         "reduced": any(c.reduced for c in configs),
-        "runs": {c.name: _jsonable(c.to_dict()) for c in configs},
+        "runs": {c.name: outputs_lib.to_jsonable(c.to_dict()) for c in configs},
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
     }
@@ -585,15 +599,7 @@ def train_and_evaluate(
         data = data_for(cfg)
         if baselines and cfg.ipc not in done_random:
             done_random.add(cfg.ipc)
-            key = {
-                "dataset": cfg.dataset,
-                "ipc": cfg.ipc,
-                "eval": _jsonable(dataclasses.asdict(cfg.eval)),
-                "model": _jsonable(dataclasses.asdict(cfg.model)),
-                "preprocessing": cfg.preprocessing.identity(),
-                "lr": cfg.distill.lr_teacher,
-                "seed": cfg.distill.seed,
-            }
+            key = _baseline_key(cfg, ipc=cfg.ipc, lr=cfg.distill.lr_teacher, seed=cfg.distill.seed)
             res = _cached_baseline(
                 os.path.join(workdir, "baselines", f"random_ipc{cfg.ipc}.json"),
                 key,
@@ -614,14 +620,7 @@ def train_and_evaluate(
     if baselines:
         cfg = configs[0]
         data = data_for(cfg)
-        key = {
-            "dataset": cfg.dataset,
-            "epochs": cfg.full_epochs,
-            "eval": _jsonable(dataclasses.asdict(cfg.eval)),
-            "model": _jsonable(dataclasses.asdict(cfg.model)),
-            "preprocessing": cfg.preprocessing.identity(),
-            "lr": cfg.experts.lr,
-        }
+        key = _baseline_key(cfg, epochs=cfg.full_epochs, lr=cfg.experts.lr)
         res = _cached_baseline(
             os.path.join(workdir, "baselines", "full.json"),
             key,

@@ -75,6 +75,16 @@ def tiny_problem(
     return net, models.make_apply_fn(net), params, target, images, labels
 
 
+@pytest.fixture(scope="module")
+def fast_compile():
+    """XLA compile time dominates tiny inputs: skip most optimisation for a module
+    (``pytestmark = pytest.mark.usefixtures("fast_compile")``)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture
 def digits():
     from satm_jax import data

@@ -15,14 +15,7 @@ import pytest
 from satm_jax import augment
 from tests.conftest import x64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA compile time dominates these tiny inputs; skip most optimisation in this module."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,3 +145,27 @@ def test_training_records_every_epoch_and_resumes_expert_by_expert(tmp_path, dig
     a0 = store.load_pair(0, 0, 2)[0]
     a1 = store.load_pair(1, 0, 2)[0]
     assert not np.allclose(a0["Dense_0"]["kernel"], a1["Dense_0"]["kernel"])  # different inits
+
+
+def test_a_diverged_expert_is_refused_not_saved(tmp_path, digits):
+    net = models.ConvNet(num_classes=10, width=4, depth=1)
+    x = jnp.asarray(digits.train_images[:64], jnp.float32) / 255.0
+    y = jnp.asarray(digits.train_labels[:64])
+    cfg = experts.ExpertConfig(
+        num_experts=1, epochs=1, batch_size=16, parallel=1, dsa_strategy="none", lr=1e30
+    )
+    store = experts.ExpertStore.create(
+        str(tmp_path), dict(SPEC, num_classes=10), num_experts=1, epochs=1
+    )
+    with pytest.raises(experts.ExpertError, match="diverged"):
+        experts.generate_experts(
+            store,
+            net,
+            cfg,
+            x,
+            y,
+            augment_fn=augment.make_augment("none"),
+            progress=False,
+            log=lambda m: None,
+        )
+    assert store.completed() == []

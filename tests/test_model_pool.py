@@ -176,13 +176,7 @@ def _data(shape, n=4, seed=0):
     return x, jnp.arange(n, dtype=jnp.int32) % 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """XLA compile time dominates these tiny runs; skip most optimisation in this module."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.mark.parametrize("name", POOL)
