@@ -152,9 +152,6 @@ def expert_dir(workdir: str, cfg: RunConfig, data: PreparedData) -> str:
     """The store for ``cfg``: an existing finished one in ``workdir/experts`` that matches the
     spec and the training settings and has at least as many experts and epochs, else a new
     folder named by a hash of the configuration."""
-    found = _compatible_store(workdir, cfg, data)
-    if found is not None:
-        return found
     key = json.dumps(
         {
             "spec": expert_spec(cfg, data),
@@ -164,7 +161,10 @@ def expert_dir(workdir: str, cfg: RunConfig, data: PreparedData) -> str:
         sort_keys=True,
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return os.path.join(workdir, "experts", f"{cfg.dataset}-{digest}")
+    own = os.path.join(workdir, "experts", f"{cfg.dataset}-{digest}")
+    if os.path.exists(os.path.join(own, experts_lib.MANIFEST)):
+        return own
+    return _compatible_store(workdir, cfg, data) or own
 
 
 def _compatible_store(workdir: str, cfg: RunConfig, data: PreparedData) -> str | None:
