@@ -183,6 +183,7 @@ def main(argv):
     from satm_jax import data as data_lib
     from satm_jax import pipeline
     from satm_jax.checkpoint import CheckpointError
+    from satm_jax.distill import DistillError
     from satm_jax.experts import ExpertError
 
     if FLAGS.coordinator_address:
@@ -199,7 +200,13 @@ def main(argv):
         pipeline.train_and_evaluate(
             cfgs, FLAGS.workdir, baselines=FLAGS.baselines, progress=FLAGS.progress
         )
-    except (configs_lib.ConfigError, data_lib.DatasetError, ExpertError, CheckpointError) as e:
+    except (
+        configs_lib.ConfigError,
+        data_lib.DatasetError,
+        ExpertError,
+        CheckpointError,
+        DistillError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
