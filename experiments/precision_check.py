@@ -18,32 +18,34 @@ import time
 
 from absl import app, flags
 
-from experiments.bench import CONFIGS
+from experiments.bench import CONFIGS, resolve_shape
 
+# The shape flags (--config, --num_classes, --res, --width, --iters...) are experiments.bench's.
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "c10-ipc10", f"Shape: {', '.join(CONFIGS)}.")
 flags.DEFINE_list(
     "precisions", ["highest", "high", "default"], "jax.default_matmul_precision values."
 )
-flags.DEFINE_integer("iters", 3, "Timed repetitions.")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config and FLAGS.config not in CONFIGS:
+        raise app.UsageError(f"unknown --config {FLAGS.config!r}; choose from {list(CONFIGS)}")
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from satm_jax import augment, matching, models
 
-    shape = CONFIGS[FLAGS.config]
-    c, ipc, res = shape["num_classes"], shape["ipc"], shape["res"]
-    net = models.ConvNet(num_classes=c, width=128, depth=shape["depth"])
+    shape = resolve_shape()
+    c, ipc, res, ch = shape["num_classes"], shape["ipc"], shape["res"], shape["channels"]
+    net = models.ConvNet(num_classes=c, width=shape["width"], depth=shape["depth"])
     apply_fn = models.make_apply_fn(net)
     key = jax.random.PRNGKey(0)
-    start = net.init(key, jnp.zeros((1, res, res, 3)))["params"]
+    start = net.init(key, jnp.zeros((1, res, res, ch)))["params"]
     target = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(key, p.shape), start)
-    x = jax.random.normal(key, (c * ipc, res, res, 3))
+    x = jax.random.normal(key, (c * ipc, res, res, ch))
     y = jnp.repeat(jnp.arange(c, dtype=jnp.int32), ipc)
     batches = matching.sample_student_batches(key, c * ipc, shape["batch_syn"], shape["syn_steps"])
     aug = augment.make_augment("color_crop_cutout_flip_scale_rotate")
@@ -71,7 +73,7 @@ def main(argv):
         print(
             json.dumps(
                 {
-                    "config": FLAGS.config,
+                    "config": FLAGS.config or "custom",
                     "precision": prec,
                     "rel_error": rel,
                     "cosine": cos,

@@ -26,8 +26,9 @@ import numpy as np
 
 from satm_jax.outputs import json_diff
 
-# Changing these does not change what a resumed run computes.
-_RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models")
+# Changing these does not change what a resumed run computes ("variant" is only the label an
+# ablation gives a run: its "mtt" and "satm" variants are the plain runs of the same folder).
+_RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models", "variant")
 
 
 @contextlib.contextmanager

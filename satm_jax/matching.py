@@ -46,7 +46,8 @@ Reference: Cazenavette et al., "Dataset Distillation by Matching Training Trajec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +59,25 @@ Array = jax.Array
 Params = Any
 ApplyFn = Callable[[Params, Array], Array]
 AugmentFn = Callable[[Array, Array], Array]
+
+# ``unroll`` argument of the student's ``lax.scan``; only ``unrolled_scans`` changes it.
+_SCAN_UNROLL: int | bool = 1
+
+
+@contextlib.contextmanager
+def unrolled_scans() -> Iterator[None]:
+    """Functions traced inside this block unroll the student as straight-line code.
+
+    For FLOP counting only: XLA's cost analysis counts a loop body once whatever its trip
+    count, so ``experiments.flops`` lowers the outer step inside this block. Computation and
+    results are unchanged; compilation gets slower.
+    """
+    global _SCAN_UNROLL
+    old, _SCAN_UNROLL = _SCAN_UNROLL, True
+    try:
+        yield
+    finally:
+        _SCAN_UNROLL = old
 
 
 def _identity_augment(key: Array, x: Array) -> Array:
@@ -217,7 +237,9 @@ def unroll(
     )
     if batches.num_steps == 0:
         return params, grad_sum
-    (params, grad_sum), _ = jax.lax.scan(body, (params, grad_sum if track else 0.0), xs)
+    (params, grad_sum), _ = jax.lax.scan(
+        body, (params, grad_sum if track else 0.0), xs, unroll=_SCAN_UNROLL
+    )
     return params, grad_sum if track else None
 
 

@@ -364,6 +364,11 @@ def final_set(cfg: RunConfig, state: distill_lib.DistillState) -> tuple[jax.Arra
     return images, distill_lib.label_targets(state.labels, cfg.distill.soft_labels)
 
 
+def _unlabelled(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its ablation label: an ablation's "mtt" variant is the plain MTT run."""
+    return {k: v for k, v in d.items() if k != "variant"}
+
+
 def distill_and_evaluate(
     cfg: RunConfig,
     data: PreparedData,
@@ -378,9 +383,14 @@ def distill_and_evaluate(
     os.makedirs(rundir, exist_ok=True)
     cfg_dict = outputs_lib.to_jsonable(cfg.to_dict())
     cached = outputs_lib.read_json(os.path.join(rundir, "result.json"))
-    if cached is not None and cached.get("config") == cfg_dict and cached.get("complete"):
+    if (
+        cached is not None
+        and cached.get("complete")
+        and _unlabelled(cached.get("config", {})) == _unlabelled(cfg_dict)
+    ):
         log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
-        return cached["rows"]
+        label = {"variant": cfg.variant} if cfg.variant else {}
+        return [{**_unlabelled(row), **label} for row in cached["rows"]]
     outputs_lib.write_json(os.path.join(rundir, "config.json"), cfg_dict)
 
     model = models_lib.build_model(cfg.model, data.num_classes)

@@ -145,6 +145,10 @@ def test_resuming_under_another_configuration_is_refused(tmp_path):
     checkpoint.DistillCheckpointer(
         str(tmp_path), {"distill": {"lr_img": 100.0, "iterations": 50}, "ipc": 1}
     )
+    # So is the same run under an ablation's label.
+    checkpoint.DistillCheckpointer(
+        str(tmp_path), {"distill": {"lr_img": 100.0, "iterations": 10}, "ipc": 1, "variant": "mtt"}
+    )
     with pytest.raises(configs.ConfigError, match="distill.lr_img: checkpoint 100.0, now 10.0"):
         checkpoint.DistillCheckpointer(
             str(tmp_path), {"distill": {"lr_img": 10.0, "iterations": 10}, "ipc": 1}

@@ -1,0 +1,72 @@
+"""The measurement entry points (bench, flops, precision_check, ablate) at tiny sizes."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.test_run import ROOT, TINY
+
+
+def _module(name, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    r = subprocess.run(
+        [sys.executable, "-m", f"experiments.{name}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _json_lines(text):
+    return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+
+
+SMALL = ["--num_classes=2", "--ipc=2", "--res=8", "--channels=1", "--width=8", "--depth=1"]
+
+
+def test_bench_prints_one_record_per_mode():
+    r = _module(
+        "bench",
+        *SMALL,
+        "--syn_steps=3",
+        "--mode=exact,truncated,satm,eval",
+        "--iters=2",
+        "--eval_epochs=2",
+        "--num_eval=1",
+    )
+    recs = _json_lines(r.stdout)
+    assert [x["mode"] for x in recs] == ["exact", "truncated", "satm", "eval"]
+    for x in recs:
+        assert x["ms_per_iter"] > 0 and x["peak_mem_gib"] > 0
+        assert x["backend"] == "cpu" and x["shape"]["num_classes"] == 2
+
+
+def test_flops_counts_are_positive_and_truncation_does_less_work():
+    r = _module("flops", "--config=cpu-n2", "--mode=exact,truncated")
+    exact, truncated = _json_lines(r.stdout)
+    assert exact["gflop"] > 0 and exact["h100_floor_ms_fp32"] > 0
+    assert truncated["gflop"] < exact["gflop"]  # K = 1 of N = 2 steps differentiated
+
+
+def test_precision_check_is_exact_on_the_cpu():
+    r = _module("precision_check", *SMALL, "--syn_steps=2", "--iters=1")
+    recs = _json_lines(r.stdout)
+    assert [x["precision"] for x in recs] == ["highest", "high", "default"]
+    assert all(x["rel_error"] < 1e-5 for x in recs)
+
+
+def test_ablation_table_reuses_the_plain_runs_of_its_workdir(tmp_path):
+    wd = str(tmp_path / "wd")
+    common = [f"--workdir={wd}", "--ipc=1", *TINY]
+    _module("run", *common, "--method=mtt", "--baselines=false")
+    r = _module("ablate", *common, "--variants=mtt,satm_asam")
+    assert "finished earlier" in r.stdout  # the "mtt" variant is the plain run, not redone
+    table = open(os.path.join(wd, "ablation.md")).read()
+    assert "| mtt |" in table and "| satm_asam |" in table
+    table = json.load(open(os.path.join(wd, "ablation.json")))["table"]
+    assert {row["variant"] for row in table} >= {"mtt", "satm_asam"}
