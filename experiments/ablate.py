@@ -18,12 +18,14 @@ satm_soft           SATM with learnable soft labels (DATM initialisation)
 satm_ema            SATM with an EMA of the images (decay 0.99) for evaluation
 ==================  ==============================================================
 
-Example (about 20 minutes on 2 CPU cores)::
+Example (725 s on the 2-core development CPU, 2026-11-28)::
 
     python -m experiments.ablate --dataset=digits --ipc=1 --seeds=0,1 --workdir=./ablate_digits
 
-writes ``ablation.md`` and ``ablation.json`` in the workdir. Any flag of ``experiments.run``
-(``--iterations``, ``--rho``...) applies to every variant.
+writes ``ablation.md`` and ``ablation.json`` in the workdir (and, while it runs,
+``ablation_results.{json,md}``; a run's own ``results.json`` in the same workdir is left
+alone). Runs of ``experiments.run`` already finished in the workdir are reused. Any flag of
+``experiments.run`` (``--iterations``, ``--rho``...) applies to every variant.
 """
 
 from __future__ import annotations
@@ -200,7 +202,11 @@ def main(argv):
             FLAGS.data_dir,
         )
         results = pipeline.train_and_evaluate(
-            cfgs, FLAGS.workdir, baselines=True, progress=FLAGS.progress
+            cfgs,
+            FLAGS.workdir,
+            baselines=True,
+            progress=FLAGS.progress,
+            results_name="ablation_results",
         )
     except (configs_lib.ConfigError, data_lib.DatasetError, ExpertError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -546,6 +546,7 @@ def train_and_evaluate(
     baselines: bool = True,
     progress: bool = True,
     log: Log = _print,
+    results_name: str = "results",
 ) -> dict[str, Any]:
     """Runs every config (same dataset), the baselines, and writes ``results.json``.
 
@@ -556,6 +557,9 @@ def train_and_evaluate(
       baselines: also evaluate random real images (per IPC) and the full training set.
       progress: progress bars.
       log: where messages go.
+      results_name: stem of the results files (``<stem>.json``, ``<stem>.md``) in ``workdir``;
+        other entry points (``experiments.ablate``) use their own so that they never overwrite
+        the results of ``experiments.run`` in a shared workdir.
 
     Returns:
       The ``results.json`` content.
@@ -586,7 +590,7 @@ def train_and_evaluate(
         return prepared[k]
 
     rows: list[dict[str, Any]] = []
-    results_path = os.path.join(workdir, "results.json")
+    results_path = os.path.join(workdir, f"{results_name}.json")
     config_dict = {
         "dataset": first.dataset,
         "preset": first.preset,
@@ -600,7 +604,7 @@ def train_and_evaluate(
     def write_results() -> dict[str, Any]:
         out = {"results": rows, "config": config_dict, "wall_s": round(time.time() - t_start, 2)}
         outputs_lib.write_json(results_path, out)
-        outputs_lib.write_results_table(os.path.join(workdir, "results.md"), out)
+        outputs_lib.write_results_table(os.path.join(workdir, f"{results_name}.md"), out)
         return out
 
     done_random: set[int] = set()

@@ -64,7 +64,11 @@ def test_ablation_table_reuses_the_plain_runs_of_its_workdir(tmp_path):
     wd = str(tmp_path / "wd")
     common = [f"--workdir={wd}", "--ipc=1", *TINY]
     _module("run", *common, "--method=mtt", "--baselines=false")
+    run_results = open(os.path.join(wd, "results.json")).read()
     r = _module("ablate", *common, "--variants=mtt,satm_asam")
+    # The ablation keeps its own results files: the run's are left as they were.
+    assert open(os.path.join(wd, "results.json")).read() == run_results
+    assert os.path.exists(os.path.join(wd, "ablation_results.json"))
     assert "finished earlier" in r.stdout  # the "mtt" variant is the plain run, not redone
     table = open(os.path.join(wd, "ablation.md")).read()
     assert "| mtt |" in table and "| satm_asam |" in table
