@@ -478,6 +478,48 @@ def make_run_config(
     )
 
 
+_SECTIONS = {
+    "model": ModelConfig,
+    "preprocessing": Preprocessing,
+    "experts": ExpertConfig,
+    "distill": DistillConfig,
+    "eval": EvalConfig,
+}
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def run_config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """The ``RunConfig`` that ``RunConfig.to_dict`` (a run's ``config.json``) describes.
+
+    Raises:
+      ConfigError: missing or unknown fields (a config written by another version).
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"a run config is a dict, got {type(d).__name__}")
+
+    def build(cls: type, fields: dict[str, Any], where: str) -> Any:
+        if not isinstance(fields, dict):
+            raise ConfigError(f"config field {where!r} is not a dict")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ConfigError(f"config {where or 'top level'} has unknown fields {unknown}")
+        try:
+            return cls(**{k: _tuples(v) for k, v in fields.items()})
+        except TypeError as e:
+            raise ConfigError(f"config {where or 'top level'}: {e}") from None
+
+    top = dict(d)
+    for name, cls in _SECTIONS.items():
+        if name not in top:
+            raise ConfigError(f"config lacks the {name!r} section")
+        top[name] = build(cls, top[name], name)
+    return build(RunConfig, top, "")
+
+
 def make_run_configs(
     dataset: str,
     ipcs: list[int],

@@ -30,6 +30,7 @@ import numpy as np
 
 from satm_jax import augment as augment_lib
 from satm_jax import checkpoint as checkpoint_lib
+from satm_jax import configs as configs_lib
 from satm_jax import data as data_lib
 from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
@@ -503,6 +504,91 @@ def distill_and_evaluate(
     outputs_lib.write_json(
         os.path.join(rundir, "result.json"), {"config": cfg_dict, "rows": rows, "complete": True}
     )
+    return rows
+
+
+def evaluate_distilled(
+    path: str,
+    *,
+    lr: float | None = None,
+    eval_models: tuple[str, ...] | None = None,
+    num_models: int | None = None,
+    epochs: int | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    log: Log = _print,
+) -> list[dict[str, Any]]:
+    """Evaluates a saved ``distilled.npz`` again, with the protocol of the run that made it.
+
+    With the defaults (the set's own learned step size, the run's evaluation networks, number
+    of networks and epochs) the accuracies are those the run reported: the same keys are used.
+    ``lr`` replaces the learned step size (e.g. to separate the images' quality from the step
+    size they were distilled with), ``eval_models`` adds other architectures.
+
+    Returns:
+      One results row per evaluation network (as in ``results.json``), with ``lr`` and ``path``.
+
+    Raises:
+      FileNotFoundError, ValueError: missing or unreadable file.
+      ConfigError: the file's config cannot be read, bad ``lr``/``num_models``/``epochs``.
+      data_lib.DatasetError: the dataset cannot be loaded, or its images do not match the set.
+    """
+    d = outputs_lib.load_distilled(path)
+    cfg = configs_lib.run_config_from_dict(d["config"])
+    if lr is not None and not (np.isfinite(lr) and lr > 0):
+        raise ConfigError(f"the learning rate must be a positive number, got {lr}")
+    for name, v in (("num_models", num_models), ("epochs", epochs)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name} must be >= 1, got {v}")
+    ecfg = dataclasses.replace(
+        cfg.eval,
+        num_models=num_models or cfg.eval.num_models,
+        epochs=epochs or cfg.eval.epochs,
+    )
+    dataset = data_lib.load_dataset(cfg.dataset, data_dir=data_dir or cfg.data_dir)
+    images = jnp.asarray(d["images"])
+    if tuple(images.shape[1:]) != tuple(dataset.image_shape):
+        raise data_lib.DatasetError(
+            f"{path} holds {tuple(images.shape[1:])} images, {cfg.dataset} has "
+            f"{tuple(dataset.image_shape)}"
+        )
+    if int(d.get("num_classes", dataset.num_classes)) != dataset.num_classes:
+        raise data_lib.DatasetError(
+            f"{path} has {int(d['num_classes'])} classes, {cfg.dataset} has {dataset.num_classes}"
+        )
+    data = prepare_data(dataset, cfg.preprocessing)
+    labels = distill_lib.label_targets(jnp.asarray(d["labels"]), d["soft_labels"])
+    step = float(d["syn_lr"]) if lr is None else float(lr)
+    it = int(d.get("iteration", 0))
+    rows = []
+    for name in eval_models or cfg.eval_models:
+        # The run's keys: the ConvNet is evaluated with seed + iteration, the others with seed.
+        key = jax.random.PRNGKey(ecfg.seed + it) if name == "convnet" else None
+        res = evaluate_lib.evaluate_set(
+            eval_model(cfg, name, data.num_classes),
+            images,
+            labels,
+            step,
+            data.test_x,
+            data.test_y,
+            ecfg,
+            key=key,
+            progress=progress,
+            desc=f"eval {cfg.name} {name}",
+        )
+        rows.append(
+            _row(
+                cfg.method,
+                cfg.ipc,
+                res,
+                model=name,
+                lr=step,
+                path=path,
+                reduced=cfg.reduced,
+                **({"variant": cfg.variant} if cfg.variant else {}),
+            )
+        )
+        log(f"{cfg.name} [{name}] lr {step:.4g}: {res.summary()} %")
     return rows
 
 

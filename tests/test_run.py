@@ -31,10 +31,10 @@ TINY = [
 ]
 
 
-def _run(args, cwd=ROOT, timeout=600):
+def _run(args, cwd=ROOT, timeout=600, module="run"):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
     return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args],
+        [sys.executable, "-m", f"experiments.{module}", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -76,6 +76,46 @@ def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
     assert "finished earlier" in r2.stdout and "reused" in r2.stdout
     res2 = json.load(open(os.path.join(wd, "results.json")))
     assert [x["acc_mean"] for x in res2["results"]] == [x["acc_mean"] for x in res["results"]]
+    # A saved set evaluated again with its run's protocol gives the run's accuracy; another
+    # step size gives another row.
+    satm_row = next(x for x in res["results"] if x["method"] == "satm")
+    npz = os.path.join(wd, "runs", "digits_ipc1_satm", "distilled.npz")
+    out = os.path.join(wd, "reeval.json")
+    r3 = _run(
+        [f"--distilled={npz}", "--lr=own,0.5", f"--out={out}", "--progress=false"],
+        module="evaluate",
+    )
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    rows = json.load(open(out))
+    assert [x["lr"] for x in rows] == [pytest.approx(satm_row["syn_lr"]), 0.5]
+    assert rows[0]["accs"] == satm_row["accs"] and rows[0]["method"] == "satm"
+    assert sum(x.startswith("{") for x in r3.stdout.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: None, "no distilled set at"),
+        (lambda p: p.write_bytes(b"junk"), "not a readable distilled-set export"),
+    ],
+)
+def test_evaluate_refuses_missing_or_corrupt_files(tmp_path, make, message):
+    path = tmp_path / "d.npz"
+    make(path)
+    r = _run([f"--distilled={path}", "--progress=false"], module="evaluate", timeout=300)
+    assert r.returncode == 2 and message in r.stderr
+
+
+def test_run_config_round_trips_through_json():
+    cfg = configs.make_run_config(
+        "digits", 10, "satm", overrides={"eval_models": ["convnet", "resnet18"]}
+    )
+    back = configs.run_config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    bad = cfg.to_dict()
+    bad["distill"]["no_such_knob"] = 1
+    with pytest.raises(configs.ConfigError, match="unknown fields"):
+        configs.run_config_from_dict(bad)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
-"""The measurement entry points (bench, flops, precision_check, ablate) at tiny sizes."""
+"""The measurement entry points (bench, flops, precision_check, ablate) at tiny sizes, and
+the GPU scripts that call them."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,3 +76,54 @@ def test_ablation_table_reuses_the_plain_runs_of_its_workdir(tmp_path):
     assert "| mtt |" in table and "| satm_asam |" in table
     table = json.load(open(os.path.join(wd, "ablation.json")))["table"]
     assert {row["variant"] for row in table} >= {"mtt", "satm_asam"}
+
+
+def _script_invocations(path):
+    """(module, flag names) for every `python3 -m experiments.X` (or `bench`) line of a script."""
+    text = open(path).read().replace("\\\n", " ")
+    calls, pending = [], set()
+    for line in text.splitlines():
+        line = line.strip()
+        found = re.search(r"-m experiments\.(\w+)", line)
+        if found:
+            module, rest = found.group(1), line[found.end() :]
+        elif line.startswith("bench "):
+            module, rest = "bench", line
+        else:
+            # Flags collected in a bash array (`EXTRA+=(--x=1)`) go to the next invocation.
+            if re.search(r"\w+\+?=\(", line):
+                pending |= set(re.findall(r"--(\w+)=", line))
+            continue
+        calls.append((module, set(re.findall(r"--(\w+)=", rest)) | pending))
+        pending = set()
+    return calls
+
+
+def _help(module):
+    """The module's `--helpfull` text (absl exits with status 1 after printing it)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", "--helpfull"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "--helpfull" in r.stdout + r.stderr, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def test_gpu_scripts_parse_and_pass_only_defined_flags():
+    helps = {}
+    for script in ("gpu_fmnist.sh", "gpu_perf.sh"):
+        path = os.path.join(ROOT, "experiments", script)
+        r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        calls = _script_invocations(path)
+        assert calls, script
+        for module, names in calls:
+            if module not in helps:
+                helps[module] = _help(module)
+            for name in names:
+                assert re.search(rf"--(\[no\])?{name}:", helps[module]), (script, module, name)
