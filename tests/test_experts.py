@@ -1,5 +1,6 @@
 """Expert training, orbax storage, partial loading, refusal of mismatched stores."""
 
+import dataclasses
 import json
 import os
 
@@ -169,3 +170,62 @@ def test_a_diverged_expert_is_refused_not_saved(tmp_path, digits):
             log=lambda m: None,
         )
     assert store.completed() == []
+
+
+def test_gsam_experts_take_the_gsam_step_by_hand(digits):
+    """FTD's flat experts: one full-batch epoch is one SGD step along GSAM's direction."""
+    net = models.ConvNet(num_classes=10, width=4, depth=1)
+    x = jnp.asarray(digits.train_images[:32], jnp.float32) / 255.0
+    y = jnp.asarray(digits.train_labels[:32])
+    rho, alpha, lr = 0.05, 0.4, 0.1
+    cfg = experts.ExpertConfig(
+        num_experts=1, epochs=1, lr=lr, batch_size=32, dsa_strategy="none",
+        sharpness="gsam", rho=rho, gsam_alpha=alpha,
+    )  # fmt: skip
+    identity = augment.make_augment("none")
+    init, epoch = experts.make_expert_trainer(net, x.shape[1:], cfg, identity)
+    keys = jnp.stack([jax.random.PRNGKey(3)])
+    states = init(keys)
+    new_states, _ = epoch(states, keys, x, y)
+
+    p = jax.tree.map(lambda a: a[0], states.params)
+
+    def loss(params):  # one batch holding every image: the permutation does not matter
+        logits = net.apply({"params": params}, x, train=True)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
+
+    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
+    h = jax.grad(loss)(p)
+    hf = flat(h)
+    g = flat(jax.grad(loss)(jax.tree.map(lambda a, b: a + rho * b / np.linalg.norm(hf), p, h)))
+    direction = g - alpha * (hf - (hf @ g) / (g @ g) * g)
+    got = flat(jax.tree.map(lambda a: a[0], new_states.params))
+    np.testing.assert_allclose(got, flat(p) - lr * direction, rtol=1e-4, atol=1e-6)
+
+    # Plain experts from the same start take a different step (the option is not ignored).
+    plain = dataclasses.replace(cfg, sharpness="none")
+    _, epoch_plain = experts.make_expert_trainer(net, x.shape[1:], plain, identity)
+    got_plain = flat(jax.tree.map(lambda a: a[0], epoch_plain(states, keys, x, y)[0].params))
+    np.testing.assert_allclose(got_plain, flat(p) - lr * hf, rtol=1e-4, atol=1e-6)
+    assert np.abs(got - got_plain).max() > 1e-6
+
+
+def test_expert_sharpness_is_part_of_the_store_identity(tmp_path):
+    from satm_jax import configs, pipeline
+
+    cfg = configs.make_run_config("digits", 1, "mtt", "default")
+    flat_cfg = configs.make_run_config("digits", 1, "mtt", "default", {"expert_sharpness": "gsam"})
+    plain, flat = pipeline.expert_training(cfg), pipeline.expert_training(flat_cfg)
+    assert plain["sharpness"] == "none" and flat["sharpness"] == "gsam" and "rho" in flat
+    experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3, training=plain)
+    with pytest.raises(experts.ExpertMismatchError, match="sharpness"):
+        experts.ExpertStore.open_or_create(
+            str(tmp_path), SPEC, num_experts=1, epochs=3, training=flat
+        )
+    with pytest.raises(ValueError, match="expert sharpness"):
+        experts.make_expert_trainer(
+            models.ConvNet(num_classes=3, width=4, depth=1),
+            (8, 8, 1),
+            dataclasses.replace(flat_cfg.experts, sharpness="smooth_sam"),
+            augment.make_augment("none"),
+        )
