@@ -22,7 +22,7 @@ def test_readme_has_exactly_the_two_setup_commands_and_ci_runs_the_test_one():
     shell_blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
     assert shell_blocks[:2] == [
         "pip install -e . && python -m experiments.run\n",
-        'pip install -e ".[test]" && python -m pytest -q tests\n',
+        'pip install -e ".[test]" && python -m pytest -q -n 2 tests\n',
     ]
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    assert 'pip install --quiet -e ".[test]"' in ci and "python -m pytest -q tests" in ci
+    assert 'pip install --quiet -e ".[test]"' in ci and "python -m pytest -q -n 2 tests" in ci
