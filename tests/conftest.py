@@ -35,6 +35,11 @@ def x64():
             yield
 
 
+def flatten(tree) -> np.ndarray:
+    """All leaves of ``tree`` as one flat NumPy vector (for hand computations)."""
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
 def tree_allclose(a, b, rtol=1e-6, atol=1e-6):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)

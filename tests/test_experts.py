@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from satm_jax import augment, experts, models
-from tests.conftest import tree_allclose
+from tests.conftest import flatten, tree_allclose
 
 SPEC = {
     "dataset": "digits",
@@ -179,9 +179,15 @@ def test_gsam_experts_take_the_gsam_step_by_hand(digits):
     y = jnp.asarray(digits.train_labels[:32])
     rho, alpha, lr = 0.05, 0.4, 0.1
     cfg = experts.ExpertConfig(
-        num_experts=1, epochs=1, lr=lr, batch_size=32, dsa_strategy="none",
-        sharpness="gsam", rho=rho, gsam_alpha=alpha,
-    )  # fmt: skip
+        num_experts=1,
+        epochs=1,
+        lr=lr,
+        batch_size=32,
+        dsa_strategy="none",
+        sharpness="gsam",
+        rho=rho,
+        gsam_alpha=alpha,
+    )
     identity = augment.make_augment("none")
     init, epoch = experts.make_expert_trainer(net, x.shape[1:], cfg, identity)
     keys = jnp.stack([jax.random.PRNGKey(3)])
@@ -194,19 +200,18 @@ def test_gsam_experts_take_the_gsam_step_by_hand(digits):
         logits = net.apply({"params": params}, x, train=True)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], -1))
 
-    flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
     h = jax.grad(loss)(p)
-    hf = flat(h)
-    g = flat(jax.grad(loss)(jax.tree.map(lambda a, b: a + rho * b / np.linalg.norm(hf), p, h)))
+    hf = flatten(h)
+    g = flatten(jax.grad(loss)(jax.tree.map(lambda a, b: a + rho * b / np.linalg.norm(hf), p, h)))
     direction = g - alpha * (hf - (hf @ g) / (g @ g) * g)
-    got = flat(jax.tree.map(lambda a: a[0], new_states.params))
-    np.testing.assert_allclose(got, flat(p) - lr * direction, rtol=1e-4, atol=1e-6)
+    got = flatten(jax.tree.map(lambda a: a[0], new_states.params))
+    np.testing.assert_allclose(got, flatten(p) - lr * direction, rtol=1e-4, atol=1e-6)
 
     # Plain experts from the same start take a different step (the option is not ignored).
     plain = dataclasses.replace(cfg, sharpness="none")
     _, epoch_plain = experts.make_expert_trainer(net, x.shape[1:], plain, identity)
-    got_plain = flat(jax.tree.map(lambda a: a[0], epoch_plain(states, keys, x, y)[0].params))
-    np.testing.assert_allclose(got_plain, flat(p) - lr * hf, rtol=1e-4, atol=1e-6)
+    got_plain = flatten(jax.tree.map(lambda a: a[0], epoch_plain(states, keys, x, y)[0].params))
+    np.testing.assert_allclose(got_plain, flatten(p) - lr * hf, rtol=1e-4, atol=1e-6)
     assert np.abs(got - got_plain).max() > 1e-6
 
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from satm_jax import sharpness
-from tests.conftest import tree_allclose
+from tests.conftest import flatten, tree_allclose
 
 A = jnp.array([[3.0, 0.5, 0.0], [0.5, 1.0, -0.2], [0.0, -0.2, 2.0]])
 
@@ -107,34 +107,32 @@ def test_gsam_with_zero_coefficient_is_sam():
 def test_gsam_one_step_by_hand():
     rho, lr, alpha = 0.1, 0.2, 0.3
     p = params0()
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
-    h = flat(grad(p))
+    h = flatten(grad(p))
     adv = jax.tree.map(lambda x, g: x + rho * g / np.linalg.norm(h), p, grad(p))
-    g = flat(grad(adv))
+    g = flatten(grad(adv))
     h_perp = h - (h @ g) / (g @ g) * g
     assert abs(h_perp @ g) < 1e-4
     direction = g - alpha * h_perp
-    got = flat(_run(sharpness.gsam(optax.sgd(lr), rho, alpha=alpha), steps=1)[0])
-    np.testing.assert_allclose(got, flat(p) - lr * direction, rtol=1e-5, atol=1e-6)
+    got = flatten(_run(sharpness.gsam(optax.sgd(lr), rho, alpha=alpha), steps=1)[0])
+    np.testing.assert_allclose(got, flatten(p) - lr * direction, rtol=1e-5, atol=1e-6)
 
 
 def test_asam_one_step_by_hand():
     rho, lr, eta = 0.5, 0.1, 0.01
     p = params0()
-    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
-    w, h = flat(p), flat(grad(p))
+    w, h = flatten(p), flatten(grad(p))
     t = np.abs(w) + eta
     eps = rho * t**2 * h / np.linalg.norm(t * h)
     seen = []
 
     def recording(q, i):
-        seen.append(flat(q))
+        seen.append(flatten(q))
         return grad(q)
 
     tx = sharpness.asam(optax.sgd(lr), rho, eta)
     u, _ = tx.update(grad(p), tx.init(p), p, grad_fn=recording)
     np.testing.assert_allclose(seen[0], w + eps, rtol=1e-5)
-    assert np.all(np.isfinite(flat(u)))
+    assert np.all(np.isfinite(flatten(u)))
 
 
 def test_asam_is_invariant_to_rescaling_a_block_as_its_paper_states():
@@ -193,7 +191,7 @@ def test_smoothing_uses_its_key_and_differs_from_sam():
     _, s1 = tx.update(grad(p), s0, p, grad_fn=recording)
     assert [i for i, _ in seen] == [0, 1]
     noise = jax.tree.map(jnp.subtract, seen[0][1], p)
-    n = np.concatenate([np.ravel(v) for v in jax.tree.leaves(noise)])
+    n = flatten(noise)
     assert 0.2 < n.std() < 1.0  # sigma = 0.5
     assert not np.array_equal(np.asarray(s0.key), np.asarray(s1.key))
 
