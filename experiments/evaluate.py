@@ -23,6 +23,9 @@ flags.DEFINE_list("lr", ["own"], "Step sizes to evaluate with; 'own' = the set's
 flags.DEFINE_list("eval_models", None, "Networks (default: the run's), e.g. convnet,resnet18.")
 flags.DEFINE_integer("num_eval", None, "Evaluation networks per set (default: the run's).")
 flags.DEFINE_integer("eval_epochs", None, "Training epochs (default: the run's).")
+flags.DEFINE_integer(
+    "eval_width", None, "Width of the evaluation ConvNet (default: the run's; published: 128)."
+)
 flags.DEFINE_string("data_dir", None, "Dataset folder (default: the run's).")
 flags.DEFINE_string("out", None, "Write all rows to this JSON file.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
@@ -63,6 +66,7 @@ def main(argv):
                     eval_models=tuple(FLAGS.eval_models) if FLAGS.eval_models else None,
                     num_models=FLAGS.num_eval,
                     epochs=FLAGS.eval_epochs,
+                    width=FLAGS.eval_width,
                     data_dir=FLAGS.data_dir,
                     progress=FLAGS.progress,
                 ):

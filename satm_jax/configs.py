@@ -221,15 +221,32 @@ def _paper_preset(dataset: str, ipc: int) -> Preset:
     )
 
 
-def _cpu_preset(dataset: str, ipc: int) -> Preset:
-    """The paper preset scaled down for 2 CPU cores.
+# The outer loop that means the same on every dataset (issue "an outer loop that converges";
+# our choice, measured in docs/RESULTS.md): the step size starts at the closed-form best
+# constant step and is learned in log space, the images take Adam steps relative to their own
+# scale. MTT's literal SGD settings stay in the ``paper`` preset.
+CALIBRATED_OUTER_LOOP = dict(
+    lr_init="closed_form",
+    lr_space="log",
+    lr_log_lr=0.01,
+    img_optimizer="adam",
+    lr_img_rel=0.01,
+)
 
-    ConvNet width 32 (depth still follows the resolution), 4 experts trained only for the
-    epochs matching reads (``T+ + M``, with ``T+`` capped at 8), at most 20 inner steps,
-    500 outer iterations at IPC 1 (300 above), evaluation for 500 epochs and the full-data
-    baseline for 2 epochs.
-    On 2 CPU cores the whole ``--dataset=fashion_mnist --ipc=1 --preset=cpu`` run (experts,
-    MTT, SATM, baselines) takes under 30 minutes (measured figure in docs/RESULTS.md).
+
+def _cpu_preset(dataset: str, ipc: int) -> Preset:
+    """The paper preset scaled down for 2 CPU cores, with the calibrated outer loop.
+
+    Distillation: ConvNet width 32 students and experts (depth follows the resolution), 4
+    experts trained only for the epochs matching reads (``T+ + M``, ``T+`` capped at 8), at
+    most 20 inner steps, 500 outer iterations at IPC 1 (300 above), and
+    ``CALIBRATED_OUTER_LOOP`` in place of MTT's SGD learning rates. Evaluation: the published
+    evaluation network (ConvNet width 128, instance norm) for 1000 epochs, lr x0.1 at 500, 3
+    networks instead of 5 (our reduction, for time); the full-data baseline for 1 epoch.
+
+    Command and cost on 2 CPU cores (docs/RESULTS.md has the measured figures)::
+
+        python -m experiments.run --dataset=fashion_mnist --ipc=1 --preset=cpu
     """
     p = _paper_preset(dataset, ipc)
     d = p.distill
@@ -248,9 +265,10 @@ def _cpu_preset(dataset: str, ipc: int) -> Preset:
             syn_steps=min(d.syn_steps, 20),
             max_start_epoch=max_start,
             steps_per_call=10,
+            **CALIBRATED_OUTER_LOOP,
         ),
-        eval=dataclasses.replace(p.eval, epochs=500),
-        full_epochs=2,
+        eval=dataclasses.replace(p.eval, epochs=1000, width=128, num_models=3),
+        full_epochs=1,
         eval_every=0,
     )
 
@@ -338,9 +356,15 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "max_start_epoch": ("distill", "max_start_epoch"),
     "max_start_epoch_final": ("distill", "max_start_epoch_final"),
     "batch_syn": ("distill", "batch_syn"),
+    "img_optimizer": ("distill", "img_optimizer"),
     "lr_img": ("distill", "lr_img"),
+    "lr_img_rel": ("distill", "lr_img_rel"),
+    "lr_space": ("distill", "lr_space"),
     "lr_lr": ("distill", "lr_lr"),
+    "lr_log_lr": ("distill", "lr_log_lr"),
     "lr_teacher": ("distill", "lr_teacher"),
+    "lr_init": ("distill", "lr_init"),
+    "lr_init_samples": ("distill", "lr_init_samples"),
     "lr_update": ("distill", "lr_update"),
     "hypergrad": ("distill", "hypergrad"),
     "truncate": ("distill", "truncate"),
@@ -361,6 +385,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "eval_epochs": ("eval", "epochs"),
     "num_eval": ("eval", "num_models"),
     "eval_batch_size": ("eval", "batch_size"),
+    "eval_width": ("eval", "width"),
     # run
     "eval_every": ("run", "eval_every"),
     "checkpoint_every": ("run", "checkpoint_every"),
@@ -452,6 +477,11 @@ def make_run_config(
         ("gsam_alpha", d.sharpness != "gsam", "--sharpness=gsam"),
         ("asam_eta", d.sharpness != "asam", "--sharpness=asam"),
         ("lr_label", not d.soft_labels, "--soft_labels"),
+        ("lr_img", d.img_optimizer != "sgd", "--img_optimizer=sgd"),
+        ("lr_img_rel", d.img_optimizer != "adam", "--img_optimizer=adam"),
+        ("lr_lr", d.lr_space != "linear", "--lr_space=linear"),
+        ("lr_log_lr", d.lr_space != "log", "--lr_space=log"),
+        ("lr_init_samples", d.lr_init != "closed_form", "--lr_init=closed_form"),
         ("expert_rho", sections["experts"].sharpness == "none", "--expert_sharpness"),
     ]
     for flag, inactive, needs in conflicts:

@@ -37,7 +37,7 @@ import optax
 from tqdm.auto import tqdm
 
 from satm_jax import experts as experts_lib
-from satm_jax import matching
+from satm_jax import matching, scale_free, step_size
 from satm_jax import sharpness as sharpness_lib
 
 Array = jax.Array
@@ -46,6 +46,9 @@ Params = Any
 METHODS = ("mtt", "satm")
 HYPERGRADS = ("exact", "truncated")
 LR_UPDATES = ("backprop", "first_order", "fixed")
+IMG_OPTIMIZERS = ("sgd", "adam")
+LR_SPACES = ("linear", "log")
+LR_INITS = ("teacher", "closed_form")
 
 
 class DistillError(Exception):
@@ -68,9 +71,21 @@ class DistillConfig:
       grow_until: iteration at which ``T+`` reaches ``max_start_epoch_final`` (default: half of
         ``iterations``).
       batch_syn: synthetic minibatch per inner step (``None``: the whole set).
-      lr_img: learning rate of the images (SGD).
-      lr_lr: learning rate of the step size (SGD).
-      lr_teacher: initial step size ``alpha`` (the experts' lr).
+      img_optimizer: ``"sgd"`` (MTT: SGD with ``lr_img`` and ``img_momentum``) or ``"adam"``
+        (ours: ``satm_jax.scale_free.relative_adam`` with ``lr_img_rel``).
+      lr_img: learning rate of the images with ``img_optimizer="sgd"``.
+      lr_img_rel: with ``img_optimizer="adam"``, the image step as a fraction of the RMS of
+        the initial set (scale-free: the same value means the same on every dataset).
+      lr_space: ``"linear"`` (MTT: SGD with ``lr_lr`` and ``lr_momentum`` on ``alpha``) or
+        ``"log"`` (ours: Adam with ``lr_log_lr`` on ``log alpha``; a relative step).
+      lr_lr: learning rate of the step size with ``lr_space="linear"``.
+      lr_log_lr: Adam's learning rate on ``log alpha`` with ``lr_space="log"`` (0.01 changes
+        ``alpha`` by about 1% per iteration at most).
+      lr_teacher: the experts' learning rate: the initial step size ``alpha`` with
+        ``lr_init="teacher"`` and the unit of ``lr_floor``.
+      lr_init: ``"teacher"`` (MTT: ``alpha_0 = lr_teacher``) or ``"closed_form"`` (ours: the
+        best constant step for the initial set, ``satm_jax.step_size``).
+      lr_init_samples: trajectories the closed-form initialisation averages over.
       img_momentum: SGD momentum of the images (MTT 0.5).
       lr_momentum: SGD momentum of the step size (MTT 0.5).
       lr_update: step-size gradient: ``"backprop"`` (MTT), ``"first_order"`` (SATM's closed
@@ -106,9 +121,15 @@ class DistillConfig:
     max_start_epoch_final: int | None = None
     grow_until: int | None = None
     batch_syn: int | None = None
+    img_optimizer: str = "sgd"
     lr_img: float = 1000.0
+    lr_img_rel: float = 0.01
+    lr_space: str = "linear"
     lr_lr: float = 1e-5
+    lr_log_lr: float = 0.01
     lr_teacher: float = 0.01
+    lr_init: str = "teacher"
+    lr_init_samples: int = 16
     img_momentum: float = 0.5
     lr_momentum: float = 0.5
     lr_update: str = "backprop"
@@ -153,8 +174,20 @@ class DistillConfig:
             if self.truncate is None:
                 raise ValueError("hypergrad='truncated' needs truncate=K")
             matching.num_prefix_steps(self.syn_steps, self.truncate)
-        if self.lr_update not in LR_UPDATES:
-            raise ValueError(f"lr_update must be one of {LR_UPDATES}, got {self.lr_update!r}")
+        for name, choices in (
+            ("lr_update", LR_UPDATES),
+            ("img_optimizer", IMG_OPTIMIZERS),
+            ("lr_space", LR_SPACES),
+            ("lr_init", LR_INITS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("lr_img", "lr_img_rel", "lr_lr", "lr_log_lr"):
+            v = getattr(self, name)
+            if not (v >= 0 and v < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if self.lr_init_samples < 1:
+            raise ValueError(f"lr_init_samples must be >= 1, got {self.lr_init_samples}")
         if self.sharpness not in sharpness_lib.SHARPNESS:
             raise ValueError(
                 f"sharpness must be one of {sharpness_lib.SHARPNESS}, got {self.sharpness!r}"
@@ -212,8 +245,12 @@ class DistillState(NamedTuple):
 
 
 def make_image_transform(cfg: DistillConfig) -> optax.GradientTransformationExtraArgs:
-    """SGD(lr_img, momentum) on the images, wrapped in the configured sharpness transform."""
-    base = optax.sgd(cfg.lr_img, momentum=cfg.img_momentum or None)
+    """The images' base optimiser (SGD(lr_img, momentum), or Adam relative to the initial set's
+    scale), wrapped in the configured sharpness transform."""
+    if cfg.img_optimizer == "adam":
+        base = scale_free.relative_adam(cfg.lr_img_rel)
+    else:
+        base = optax.sgd(cfg.lr_img, momentum=cfg.img_momentum or None)
     return sharpness_lib.make_sharpness(
         cfg.sharpness,
         base,
@@ -226,7 +263,29 @@ def make_image_transform(cfg: DistillConfig) -> optax.GradientTransformationExtr
 
 
 def make_lr_transform(cfg: DistillConfig) -> optax.GradientTransformation:
+    """The step size's optimiser: SGD on ``alpha`` (linear) or Adam on ``log alpha`` (log)."""
+    if cfg.lr_space == "log":
+        return optax.chain(scale_free.scale_by_adam(eps=1e-12), optax.scale(-cfg.lr_log_lr))
     return optax.sgd(cfg.lr_lr, momentum=cfg.lr_momentum or None)
+
+
+def update_step_size(
+    cfg: DistillConfig, lr_tx: optax.GradientTransformation, g_lr: Array, syn_lr: Array, opt_state
+) -> tuple[Array, Any]:
+    """One step of the step size from its gradient ``dL/dalpha``, kept at or above the floor.
+
+    In log space the optimiser sees ``dL/dlog(alpha) = alpha dL/dalpha`` and ``alpha`` moves
+    by a factor ``exp(update)``.
+    """
+    floor = jnp.asarray(cfg.lr_floor * cfg.lr_teacher, jnp.float32)
+    if cfg.lr_space == "log":
+        log_lr = jnp.log(syn_lr)
+        upd, opt_state = lr_tx.update(g_lr * syn_lr, opt_state, log_lr)
+        new = jnp.exp(optax.apply_updates(log_lr, upd))
+    else:
+        upd, opt_state = lr_tx.update(g_lr, opt_state, syn_lr)
+        new = optax.apply_updates(syn_lr, upd)
+    return jnp.maximum(new, floor), opt_state
 
 
 def make_label_transform(cfg: DistillConfig) -> optax.GradientTransformation:
@@ -317,6 +376,48 @@ def sample_iteration(
     return IterationSample(key, start, target, e, t, batches)
 
 
+def calibrate_step_size(
+    state: DistillState,
+    bank: experts_lib.ExpertBank,
+    apply_fn: matching.ApplyFn,
+    augment_fn: matching.AugmentFn,
+    cfg: DistillConfig,
+    *,
+    refinements: int = 2,
+) -> tuple[DistillState, list[float]]:
+    """``state`` with ``syn_lr`` set to the closed-form best constant step (``satm_jax.step_size``)
+    over ``cfg.lr_init_samples`` trajectories drawn as the outer loop draws them.
+
+    The draws use their own key (``cfg.seed``), so the outer loop's random stream is unchanged.
+    Returns the new state and the fixed-point history (``lr_teacher`` first).
+    """
+    num_syn = state.images.shape[0]
+    max_start = current_max_start(cfg, jnp.zeros((), jnp.int32))
+
+    def sample_fn(key):
+        k_exp, k_batch = jax.random.split(key)
+        start, target, _, _ = experts_lib.sample_start_target(
+            bank, k_exp, cfg.min_start_epoch, max_start, cfg.expert_epochs
+        )
+        batches = matching.sample_student_batches(k_batch, num_syn, cfg.batch_syn, cfg.syn_steps)
+        return start, target, batches
+
+    moments_fn = step_size.make_moments_fn(apply_fn, augment_fn, sample_fn)
+    keys = jax.random.split(
+        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 7919), cfg.lr_init_samples
+    )
+    alpha, history = step_size.calibrate(
+        moments_fn,
+        keys,
+        state.images,
+        label_targets(state.labels, cfg.soft_labels),
+        float(state.syn_lr),
+        refinements=refinements,
+        floor=cfg.lr_floor * cfg.lr_teacher,
+    )
+    return state._replace(syn_lr=jnp.asarray(alpha, jnp.float32)), history
+
+
 def make_outer_step(
     apply_fn: matching.ApplyFn,
     augment_fn: matching.AugmentFn,
@@ -326,7 +427,8 @@ def make_outer_step(
     """Builds ``outer_step(state, bank) -> (state, metrics)`` (pure; jit it).
 
     Metrics: ``loss`` (matching loss at the unperturbed images), ``syn_lr``, ``grad_norm``,
-    ``start_epoch``, ``expert``, ``finite`` (1 if the iteration was applied).
+    ``img_update_rel`` (``||X_new - X|| / ||X||``), ``start_epoch``, ``expert``, ``finite`` (1
+    if the iteration was applied).
 
     ``mesh``: a ``jax.sharding.Mesh`` (``satm_jax.parallel.make_mesh``) to split every inner
     step's synthetic minibatch across devices (data parallel; the parameter gradient's batch
@@ -369,9 +471,7 @@ def make_outer_step(
         )
         new_images = optax.apply_updates(state.images, img_updates)
 
-        lr_updates, lr_opt_state = lr_tx.update(g_lr, state.lr_opt_state, state.syn_lr)
-        floor = jnp.asarray(cfg.lr_floor * cfg.lr_teacher, jnp.float32)
-        new_lr = jnp.maximum(optax.apply_updates(state.syn_lr, lr_updates), floor)
+        new_lr, lr_opt_state = update_step_size(cfg, lr_tx, g_lr, state.syn_lr, state.lr_opt_state)
 
         if soft:
             lab_updates, label_opt_state = label_tx.update(grads[2], state.label_opt_state)
@@ -406,6 +506,8 @@ def make_outer_step(
             "loss": loss,
             "syn_lr": new_state.syn_lr,
             "grad_norm": jnp.sqrt(jnp.sum(jnp.square(g_img))),
+            "img_update_rel": jnp.sqrt(jnp.sum(jnp.square(new_state.images - state.images)))
+            / jnp.sqrt(jnp.sum(jnp.square(state.images))),
             "start_epoch": sample.start_epoch,
             "expert": sample.expert,
             "finite": finite.astype(jnp.int32),

@@ -48,6 +48,7 @@ class EvalConfig:
       dsa_strategy: DSA families applied to every batch.
       epochs_per_call: epochs per jit call (progress granularity).
       seed: base seed; evaluation ``i`` of a call uses ``fold_in(key, i)``.
+      width: width of the evaluation ConvNet (``None``: the distillation network's width).
     """
 
     epochs: int = 1000
@@ -58,6 +59,7 @@ class EvalConfig:
     dsa_strategy: str = augment_lib.DEFAULT_STRATEGY
     epochs_per_call: int = 100
     seed: int = 0
+    width: int | None = None
 
 
 class EvalResult(NamedTuple):

@@ -171,17 +171,22 @@ def save_synthetic_grid(
 
 
 def plot_run(rundir: str, cfg: Any) -> str | None:
-    """``curves.png``: matching loss per iteration and evaluation accuracy."""
-    recs = read_metrics(rundir)
-    its = [r["iteration"] for r in recs if "loss" in r]
-    losses = [r["loss"] for r in recs if "loss" in r]
+    """``curves.png``: matching loss (raw and smoothed) with evaluation accuracy, the step
+    size, and the relative image update per iteration."""
+    recs = [r for r in read_metrics(rundir) if "loss" in r]
+    if not recs:
+        return None
     evals = read_json(os.path.join(rundir, "evals.json")) or {}
     e_its = sorted(int(k) for k in evals)
-    e_acc = [evals[str(k)]["acc_mean"] for k in e_its]
-    if not its:
-        return None
     return visualize.plot_history(
-        os.path.join(rundir, "curves.png"), its, losses, e_its, e_acc, title=cfg.name
+        os.path.join(rundir, "curves.png"),
+        [r["iteration"] for r in recs],
+        [r["loss"] for r in recs],
+        e_its,
+        [evals[str(k)]["acc_mean"] for k in e_its],
+        title=cfg.name,
+        syn_lrs=[r.get("syn_lr", float("nan")) for r in recs],
+        image_updates=[r.get("img_update_rel", float("nan")) for r in recs],
     )
 
 

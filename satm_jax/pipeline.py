@@ -31,13 +31,13 @@ import numpy as np
 from satm_jax import augment as augment_lib
 from satm_jax import checkpoint as checkpoint_lib
 from satm_jax import configs as configs_lib
+from satm_jax import convergence, parallel
 from satm_jax import data as data_lib
 from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib
 from satm_jax import models as models_lib
 from satm_jax import outputs as outputs_lib
-from satm_jax import parallel
 from satm_jax.configs import ConfigError, RunConfig
 
 Log = Callable[[str], None]
@@ -235,9 +235,14 @@ def ensure_experts(
 
 
 def eval_model(cfg: RunConfig, name: str, num_classes: int):
-    """The evaluation network called ``name`` (``convnet`` uses the run's ConvNet config)."""
+    """The evaluation network called ``name``: ``convnet`` is the run's ConvNet, at
+    ``cfg.eval.width`` if that is set (the published evaluation network is width 128 even where
+    a reduced preset distils with a narrower student)."""
     if name == "convnet":
-        return models_lib.build_model(cfg.model, num_classes)
+        model = cfg.model
+        if cfg.eval.width is not None:
+            model = dataclasses.replace(model, width=cfg.eval.width)
+        return models_lib.build_model(model, num_classes)
     return models_lib.build_model(models_lib.ModelConfig(name=name), num_classes)
 
 
@@ -292,7 +297,7 @@ def full_baseline(
     """The whole training set, with the evaluation protocol for ``cfg.full_epochs`` epochs."""
     ecfg = dataclasses.replace(cfg.eval, epochs=cfg.full_epochs, epochs_per_call=1)
     return evaluate_lib.evaluate_set(
-        models_lib.build_model(cfg.model, data.num_classes),
+        eval_model(cfg, "convnet", data.num_classes),
         data.train_x,
         data.train_y,
         cfg.experts.lr,
@@ -406,6 +411,16 @@ def distill_and_evaluate(
 
     ckpt = checkpoint_lib.DistillCheckpointer(os.path.join(rundir, "checkpoints"), cfg_dict)
     state = ckpt.restore_latest(state, log=log)
+    if int(state.iteration) == 0 and cfg.distill.lr_init == "closed_form":
+        state, history = distill_lib.calibrate_step_size(
+            state, bank, apply_fn, augment_fn, cfg.distill
+        )
+        log(
+            f"{cfg.name}: step size initialised at the closed-form best constant step "
+            f"{float(state.syn_lr):.4g} (fixed point "
+            + " -> ".join(f"{a:.4g}" for a in history)
+            + f", {cfg.distill.lr_init_samples} trajectories)"
+        )
     if mesh is not None:
         batch = min(cfg.distill.batch_syn or state.images.shape[0], state.images.shape[0])
         if batch % parallel.num_devices(mesh):
@@ -422,7 +437,7 @@ def distill_and_evaluate(
         it = int(st.iteration)
         x, y = final_set(cfg, st)
         res = evaluate_lib.evaluate_set(
-            model,
+            eval_model(cfg, "convnet", data.num_classes),
             x,
             y,
             st.syn_lr,
@@ -467,6 +482,10 @@ def distill_and_evaluate(
     metrics_log.close()
     distill_s = time.time() - t0
     images, labels = final_set(cfg, state)
+    report = run_convergence(rundir, images0, state.images)
+    outputs_lib.write_json(os.path.join(rundir, "convergence.json"), report)
+    for w in report["warnings"]:
+        log(f"warning: {cfg.name}: {w}")
     outputs_lib.export_distilled(os.path.join(rundir, "distilled.npz"), cfg, data, state, images)
     outputs_lib.plot_run(rundir, cfg)
 
@@ -497,6 +516,7 @@ def distill_and_evaluate(
                 distill_s=round(distill_s, 1),
                 nonfinite=int(state.num_nonfinite),
                 reduced=cfg.reduced,
+                convergence=report,
                 **({"variant": cfg.variant} if cfg.variant else {}),
             )
         )
@@ -507,6 +527,19 @@ def distill_and_evaluate(
     return rows
 
 
+def run_convergence(rundir: str, initial_images: Any, final_images: Any) -> dict[str, Any]:
+    """``satm_jax.convergence.report`` of a run from its ``metrics.jsonl`` and its images."""
+    recs = [r for r in outputs_lib.read_metrics(rundir) if "loss" in r]
+    x0 = np.asarray(initial_images, np.float64)
+    move = float(np.linalg.norm(np.asarray(final_images, np.float64) - x0) / np.linalg.norm(x0))
+    return convergence.report(
+        [r["loss"] for r in recs],
+        syn_lrs=[r["syn_lr"] for r in recs],
+        image_updates=[r["img_update_rel"] for r in recs if "img_update_rel" in r],
+        image_move=move,
+    )
+
+
 def evaluate_distilled(
     path: str,
     *,
@@ -514,6 +547,7 @@ def evaluate_distilled(
     eval_models: tuple[str, ...] | None = None,
     num_models: int | None = None,
     epochs: int | None = None,
+    width: int | None = None,
     data_dir: str | None = None,
     progress: bool = True,
     log: Log = _print,
@@ -523,7 +557,8 @@ def evaluate_distilled(
     With the defaults (the set's own learned step size, the run's evaluation networks, number
     of networks and epochs) the accuracies are those the run reported: the same keys are used.
     ``lr`` replaces the learned step size (e.g. to separate the images' quality from the step
-    size they were distilled with), ``eval_models`` adds other architectures.
+    size they were distilled with), ``eval_models`` adds other architectures, ``width`` sets the
+    evaluation ConvNet's width (e.g. the published 128 for a set distilled with a narrower one).
 
     Returns:
       One results row per evaluation network (as in ``results.json``), with ``lr`` and ``path``.
@@ -537,14 +572,16 @@ def evaluate_distilled(
     cfg = configs_lib.run_config_from_dict(d["config"])
     if lr is not None and not (np.isfinite(lr) and lr > 0):
         raise ConfigError(f"the learning rate must be a positive number, got {lr}")
-    for name, v in (("num_models", num_models), ("epochs", epochs)):
+    for name, v in (("num_models", num_models), ("epochs", epochs), ("width", width)):
         if v is not None and v < 1:
             raise ConfigError(f"{name} must be >= 1, got {v}")
     ecfg = dataclasses.replace(
         cfg.eval,
         num_models=num_models or cfg.eval.num_models,
         epochs=epochs or cfg.eval.epochs,
+        width=width or cfg.eval.width,
     )
+    cfg = dataclasses.replace(cfg, eval=ecfg)
     dataset = data_lib.load_dataset(cfg.dataset, data_dir=data_dir or cfg.data_dir)
     images = jnp.asarray(d["images"])
     if tuple(images.shape[1:]) != tuple(dataset.image_shape):
@@ -585,6 +622,8 @@ def evaluate_distilled(
                 lr=step,
                 path=path,
                 reduced=cfg.reduced,
+                eval_width=ecfg.width or cfg.model.width,
+                eval_epochs=ecfg.epochs,
                 **({"variant": cfg.variant} if cfg.variant else {}),
             )
         )

@@ -102,18 +102,38 @@ def plot_history(
     eval_iterations: Sequence[int] = (),
     eval_accs: Sequence[float] = (),
     title: str = "",
+    syn_lrs: Sequence[float] | None = None,
+    image_updates: Sequence[float] | None = None,
 ) -> str:
-    """Matching loss over iterations and (if any) evaluation accuracy, as one PNG."""
-    fig = _figure((7, 4))
-    ax1 = fig.add_subplot()
-    ax1.plot(iterations, losses, color="tab:blue", lw=0.8, label="matching loss")
-    ax1.set_xlabel("iteration")
+    """Matching loss (raw and smoothed over a tenth of the run) with the evaluation accuracy
+    (if any); below it, the step size and the relative image update when given. One PNG."""
+    from satm_jax.convergence import smooth
+
+    panels = 1 + (syn_lrs is not None) + (image_updates is not None)
+    fig = _figure((7, 3 + 2 * (panels - 1)))
+    axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
+    ax1 = axes[0]
+    ax1.plot(iterations, losses, color="tab:blue", lw=0.5, alpha=0.4, label="matching loss")
+    window = max(1, len(losses) // 10)
+    ax1.plot(iterations, smooth(losses, window), color="tab:blue", lw=1.5, label="smoothed")
     ax1.set_ylabel("matching loss", color="tab:blue")
+    ax1.legend(loc="upper right", fontsize=7)
     if len(eval_iterations):
         ax2 = ax1.twinx()
         ax2.plot(eval_iterations, eval_accs, "o-", color="tab:red", label="test accuracy (%)")
         ax2.set_ylabel("test accuracy (%)", color="tab:red")
     ax1.set_title(title)
+    rest = axes[1:]
+    if syn_lrs is not None:
+        ax = rest.pop(0)
+        ax.plot(iterations, syn_lrs, color="tab:green", lw=1.0)
+        ax.set_ylabel("step size alpha")
+    if image_updates is not None:
+        ax = rest.pop(0)
+        ax.plot(iterations, image_updates, color="tab:purple", lw=0.5)
+        ax.set_yscale("log")
+        ax.set_ylabel("||dX|| / ||X||")
+    axes[-1].set_xlabel("iteration")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)

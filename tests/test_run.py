@@ -188,3 +188,33 @@ def test_runs_reuse_a_store_trained_for_more_epochs(tmp_path, digits):
         "digits", 1, "mtt", overrides={"expert_train_epochs": 8, "expert_lr": 0.02}
     )
     assert pipeline.expert_dir(wd, other, data) != d_long  # trained differently
+
+
+def test_cpu_preset_uses_the_calibrated_outer_loop_and_the_published_evaluation_network():
+    for ipc in (1, 10):
+        cfg = configs.make_run_config("fashion_mnist", ipc, "satm", preset="cpu")
+        d = cfg.distill
+        assert (d.lr_init, d.lr_space, d.img_optimizer) == ("closed_form", "log", "adam")
+        assert cfg.eval.width == 128 and cfg.eval.epochs == 1000 and cfg.model.width == 32
+        assert cfg.model.norm == "instancenorm" and cfg.reduced
+        net = pipeline.eval_model(cfg, "convnet", 10)
+        assert net.width == 128 and net.depth == cfg.model.depth  # depth from the resolution
+    # The paper preset keeps MTT's literal SGD settings.
+    p = configs.make_run_config("cifar10", 1, "mtt", preset="paper").distill
+    assert (p.lr_init, p.lr_space, p.img_optimizer) == ("teacher", "linear", "sgd")
+    assert (p.lr_img, p.lr_lr) == (100.0, 1e-7)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"lr_img": 100.0}, "--lr_img has no effect without --img_optimizer=sgd"),
+        ({"lr_lr": 1e-5}, "--lr_lr has no effect without --lr_space=linear"),
+        ({"img_optimizer": "sgd", "lr_img_rel": 0.1}, "--lr_img_rel has no effect"),
+        ({"lr_init": "teacher", "lr_init_samples": 4}, "--lr_init_samples has no effect"),
+        ({"lr_img_rel": -1.0}, "lr_img_rel must be a finite number >= 0"),
+    ],
+)
+def test_outer_loop_settings_that_cannot_act_are_refused(overrides, message):
+    with pytest.raises(configs.ConfigError, match=message):
+        configs.make_run_config("fashion_mnist", 1, "mtt", preset="cpu", overrides=overrides)
