@@ -5,7 +5,11 @@ epoch, minibatches and augmentations), so "still falling" compares the smoothed 
 (the mean of the last tenth of the iterations) with the smoothed loss one tenth earlier (the
 mean of the tenth before): the loss is still falling when the drop is both significant (more
 than ``t_threshold`` standard errors of the difference of the two means) and material (more
-than ``min_drop`` of the last tenth's mean). The report also gives the smoothed loss at the
+than ``min_drop`` of the last tenth's mean). Which trajectory an iteration drew (expert and
+start epoch) moves the loss more than anything else, and a run's draws are shared by every run
+with the same seed, so a chance run of hard draws looks like a trend. With ``groups`` (one
+trajectory id per iteration) the test runs on losses adjusted for the draw: each loss minus
+its trajectory's mean over the second half of the run, plus the second half's mean. The report also gives the smoothed loss at the
 start and the end, the step size's trajectory, the relative size of the image update per
 iteration and how far the images moved from their initialisation, and a warning for each way a
 run can fall short:
@@ -59,9 +63,25 @@ def drop_between(before: Sequence[float], after: Sequence[float]) -> tuple[float
     return float(a.mean() - b.mean()), se
 
 
+def adjust_for_groups(values: Sequence[float], groups: Sequence[int]) -> np.ndarray:
+    """``values`` with each group's mean over the second half removed (the second half's mean
+    added back); groups absent from the second half are left as they are."""
+    y = np.asarray(values, np.float64).copy()
+    g = np.asarray(groups)
+    half = y.size // 2
+    if half == 0:
+        return y
+    late_y, late_g = y[half:], g[half:]
+    overall = late_y.mean()
+    for k in np.unique(late_g):
+        y[g == k] += overall - late_y[late_g == k].mean()
+    return y
+
+
 def report(
     losses: Sequence[float],
     *,
+    groups: Sequence[int] | None = None,
     syn_lrs: Sequence[float] | None = None,
     image_updates: Sequence[float] | None = None,
     image_move: float | None = None,
@@ -74,6 +94,8 @@ def report(
 
     Args:
       losses: the matching loss per iteration, in order.
+      groups: the trajectory drawn at each iteration (e.g. ``start_epoch * 1000 + expert``);
+        the "still falling" test then uses ``adjust_for_groups(losses, groups)``.
       syn_lrs: the step size after each iteration.
       image_updates: ``||X_{i+1} - X_i|| / ||X_i||`` per iteration.
       image_move: ``||X_final - X_0|| / ||X_0||``.
@@ -88,7 +110,9 @@ def report(
       tenth), ``converged`` and ``warnings`` (strings).
     """
     y = np.asarray(losses, np.float64)
-    y = y[np.isfinite(y)]
+    finite = np.isfinite(y)
+    y = y[finite]
+    adj = y if groups is None else adjust_for_groups(y, np.asarray(groups)[finite])
     n = int(y.size)
     out: dict[str, Any] = {"iterations": n, "warnings": []}
     if n == 0:
@@ -96,9 +120,8 @@ def report(
         out["warnings"].append("no finite matching loss was recorded")
         return out
     tenth = max(1, n // 10)
-    head, tail, before = y[:tenth], y[-tenth:], y[-2 * tenth : -tenth]
-    loss_start, loss_end = float(head.mean()), float(tail.mean())
-    diff, se = drop_between(before, tail)
+    loss_start, loss_end = float(y[:tenth].mean()), float(y[-tenth:].mean())
+    diff, se = drop_between(adj[-2 * tenth : -tenth], adj[-tenth:])
     drop = diff / max(abs(loss_end), 1e-30)
     t = diff / se if se > 0 else (float("inf") if diff > 0 else 0.0)
     still_falling = bool(n >= 20 and t > t_threshold and drop > min_drop)

@@ -534,6 +534,7 @@ def run_convergence(rundir: str, initial_images: Any, final_images: Any) -> dict
     move = float(np.linalg.norm(np.asarray(final_images, np.float64) - x0) / np.linalg.norm(x0))
     return convergence.report(
         [r["loss"] for r in recs],
+        groups=[int(r.get("start_epoch", 0)) * 1000 + int(r.get("expert", 0)) for r in recs],
         syn_lrs=[r["syn_lr"] for r in recs],
         image_updates=[r["img_update_rel"] for r in recs if "img_update_rel" in r],
         image_move=move,

@@ -77,3 +77,18 @@ def test_the_warning_fires_on_a_run_whose_images_do_not_move(tmp_path):
     state = distill.init_state(moving, x, y)
     state, m = jax.jit(distill.make_outer_step(apply_fn, lambda k, v: v, moving))(state, bank)
     assert float(m["img_update_rel"]) > 0
+
+
+def test_a_run_of_hard_draws_is_not_a_trend_once_adjusted_for_the_trajectory():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 4, ITS.size)
+    groups[400:450] = 3  # a chance run of the hardest trajectory just before the last tenth
+    level = np.array([0.2, 0.3, 0.4, 0.6])[groups] + 0.01 * rng.standard_normal(ITS.size)
+    level += 0.5 * np.exp(-ITS / 30.0)  # an early fall, then level
+    raw = convergence.report(level, image_move=0.5)
+    assert raw["still_falling"]  # the raw curve drops after the run of hard draws
+    adjusted = convergence.report(level, groups=groups, image_move=0.5)
+    assert not adjusted["still_falling"] and adjusted["converged"]
+    # A real fall is still found after the adjustment.
+    falling = level + 0.2 * (1.0 - ITS / ITS.size)
+    assert convergence.report(falling, groups=groups, image_move=0.5)["still_falling"]
