@@ -136,12 +136,25 @@ def ablation_table(results: dict, variants: list[str], command: str) -> tuple[st
             mean = sum(accs) / len(accs)
             std = (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5
             its = [r.get("distill_s") for r in rs if r.get("distill_s") is not None]
+            per_seed = [r["acc_mean"] for r in rs]
+            sm = sum(per_seed) / len(per_seed)
+            # spread over seeds: sample standard deviation (ddof 1), 0 for one seed
+            ss = (
+                (sum((a - sm) ** 2 for a in per_seed) / (len(per_seed) - 1)) ** 0.5
+                if len(per_seed) > 1
+                else 0.0
+            )
+            conv = [r["convergence"] for r in rs if isinstance(r.get("convergence"), dict)]
             entry[f"ipc{ipc}"] = {
                 "acc_mean": round(mean, 2),
                 "acc_std": round(std, 2),
                 "n": len(accs),
                 "seeds": len(rs),
+                "seed_mean": round(sm, 2),
+                "seed_std": round(ss, 2),
                 "distill_s": round(sum(its) / len(its), 1) if its else None,
+                "converged": sum(bool(c.get("converged")) for c in conv) if conv else None,
+                "syn_lr": [round(r["syn_lr"], 5) for r in rs if "syn_lr" in r] or None,
             }
         table.append(entry)
     cfg = results["config"]
@@ -154,13 +167,14 @@ def ablation_table(results: dict, variants: list[str], command: str) -> tuple[st
         f"Machine: {platform.machine()} {os.cpu_count()} cores, backend {cfg.get('backend')}; "
         f"date {time.strftime('%Y-%m-%d')}; wall {results['wall_s']:.0f} s.  ",
         "Test accuracy (%) of ConvNets trained on the condensed set: mean +- std over all "
-        "evaluation networks of all seeds (n); distill s = wall time of one distillation incl. "
-        "compilation.",
+        "evaluation networks of all seeds (n); over seeds: mean +- sample std of the seeds' "
+        "means; converged: runs without a convergence warning; distill s = wall time of one "
+        "distillation incl. compilation.",
         "",
         "| variant | "
-        + " | ".join(f"IPC {i} acc | n | distill s" for i in ipcs)
+        + " | ".join(f"IPC {i} acc | n | over seeds | converged | distill s" for i in ipcs)
         + " | description |",
-        "|---|" + "---|---|---|" * len(ipcs) + "---|",
+        "|---|" + "---|---|---|---|---|" * len(ipcs) + "---|",
     ]
     for e in table:
         cells = []
@@ -170,10 +184,12 @@ def ablation_table(results: dict, variants: list[str], command: str) -> tuple[st
                 [
                     f"{c['acc_mean']:.2f} +- {c['acc_std']:.2f}",
                     str(c["n"]),
+                    f"{c['seed_mean']:.2f} +- {c['seed_std']:.2f} ({c['seeds']})",
+                    "-" if c["converged"] is None else f"{c['converged']}/{c['seeds']}",
                     str(c["distill_s"] or "-"),
                 ]
                 if c
-                else ["-", "-", "-"]
+                else ["-"] * 5
             )
         lines.append(f"| {e['variant']} | " + " | ".join(cells) + f" | {e['description']} |")
     return "\n".join(lines) + "\n", table

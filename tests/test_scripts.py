@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 from tests.test_run import ROOT, TINY
 
 
@@ -127,3 +129,30 @@ def test_gpu_scripts_parse_and_pass_only_defined_flags():
                 helps[module] = _help(module)
             for name in names:
                 assert re.search(rf"--(\[no\])?{name}:", helps[module]), (script, module, name)
+
+
+def test_ablation_table_reports_the_spread_over_seeds():
+    from experiments import ablate
+
+    def row(variant, accs, converged):
+        return {
+            "method": "mtt",
+            "variant": variant,
+            "ipc": 1,
+            "accs": accs,
+            "acc_mean": sum(accs) / len(accs),
+            "syn_lr": 0.01,
+            "convergence": {"converged": converged},
+        }
+
+    results = {
+        "results": [row("mtt", [70.0, 72.0], True), row("mtt_s1", [76.0, 78.0], False)],
+        "config": {"dataset": "digits", "preset": "default"},
+        "wall_s": 1.0,
+    }
+    md, table = ablate.ablation_table(results, ["mtt"], "cmd")
+    cell = next(e for e in table if e["variant"] == "mtt")["ipc1"]
+    assert cell["seeds"] == 2 and cell["seed_mean"] == 74.0
+    assert cell["seed_std"] == round(float(np.std([71.0, 77.0], ddof=1)), 2)
+    assert cell["converged"] == 1 and cell["n"] == 4
+    assert "74.00 +- 4.24 (2)" in md and "| 1/2 |" in md
