@@ -46,8 +46,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-10):
     """
 
     def init_fn(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return AdamState(jnp.zeros((), jnp.int32), zeros, zeros)
+        # two separate buffers: the outer loop donates its state, and one buffer cannot be
+        # donated twice
+        mu = jax.tree.map(jnp.zeros_like, params)
+        nu = jax.tree.map(jnp.zeros_like, params)
+        return AdamState(jnp.zeros((), jnp.int32), mu, nu)
 
     def update_fn(updates, state, params=None):
         del params

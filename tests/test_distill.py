@@ -259,3 +259,25 @@ def test_nan_loss_from_a_bad_expert_skips_only_those_iterations():
     assert int(state.num_nonfinite) == len(nan_its)
     assert bool(jnp.all(jnp.isfinite(state.images)))
     assert any(isinstance(m, str) and "non-finite" in m for m in seen)
+
+
+def test_calibrated_outer_loop_runs_in_the_donating_multi_step_loop():
+    from satm_jax import augment
+
+    cfg, apply_fn, bank, x, y = _setup(
+        iterations=4,
+        steps_per_call=2,
+        img_optimizer="adam",
+        lr_img_rel=0.01,
+        lr_space="log",
+        lr_init="closed_form",
+        lr_init_samples=2,
+    )
+    state = distill.init_state(cfg, x, y)
+    aug = augment.make_augment(cfg.dsa_strategy)
+    state, _ = distill.calibrate_step_size(state, bank, apply_fn, aug, cfg)
+    lr0 = float(state.syn_lr)
+    step = distill.make_outer_step(apply_fn, aug, cfg)
+    out = distill.run_distillation(state, bank, cfg, step, progress=False, log=lambda m: None)
+    assert int(out.iteration) == 4 and int(out.num_nonfinite) == 0
+    assert float(out.syn_lr) != lr0 and not np.allclose(out.images, x)
