@@ -1,0 +1,156 @@
+r"""satm-jax's outer iteration and MTT's own PyTorch code, timed side by side on one host.
+
+CPU hosts differ by up to 2x (anchors.md), so a speed ratio is only meaningful when both sides
+run in the same session on the same machine. This script alternates the two, ``--rounds``
+times per shape: each round runs ``experiments.bench`` (satm-jax, ``--mode``) and MTT's
+``torch_mtt.py`` (MTT's ConvNet and ReparamModule, N unrolled SGD steps with
+``create_graph=True``, one backward; no DSA) in fresh processes, one after the other, and
+reads each side's median time per iteration. It prints one JSON line per round and a summary
+line per (shape, satm-jax setting) with the median ratio ``MTT / satm-jax`` (above 1: satm-jax is
+faster) and its range over rounds::
+
+    python -m experiments.side_by_side --steps=2,10 --rounds=3 \
+        --torch_python=/path/to/venv-with-torch/bin/python
+
+``--dsa`` chooses satm-jax's augmentation: ``off`` (MTT's script has none: the like-for-like
+row), ``on`` (satm-jax's default), or ``both``. The MTT side needs a Python with
+``torch==2.13.0`` and numpy (``--torch_python``) and MTT's files (``--mtt_dir``, default
+``../shared/anchors/mtt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_TORCH_MS = re.compile(r"median_iter=([0-9.]+)ms")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so that importing this module for
+    ``summarise`` leaves absl's global flags to the other entry points)."""
+    flags.DEFINE_list("steps", ["2", "10"], "Inner steps N to time (comma-separated).")
+    flags.DEFINE_integer("ncls", 10, "Classes.")
+    flags.DEFINE_integer("ipc", 1, "Images per class.")
+    flags.DEFINE_integer("res", 32, "Image side.")
+    flags.DEFINE_integer("depth", 3, "ConvNet depth.")
+    flags.DEFINE_integer("iters", 5, "Timed iterations per process (after one warm-up).")
+    flags.DEFINE_integer("rounds", 3, "Alternating rounds per shape.")
+    flags.DEFINE_list("mode", ["exact"], "satm-jax modes (experiments.bench --mode).")
+    flags.DEFINE_enum("dsa", "both", ["off", "on", "both"], "satm-jax's DSA setting(s).")
+    flags.DEFINE_string(
+        "torch_python", sys.executable, "A Python interpreter with torch and numpy."
+    )
+    flags.DEFINE_string(
+        "mtt_dir", os.path.join(os.path.dirname(ROOT), "shared", "anchors", "mtt"), "MTT's files."
+    )
+
+
+def run_jax(n: int, mode: str, dsa: bool) -> float:
+    """Median ms per outer iteration of ``experiments.bench`` in a fresh process."""
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.bench",
+        f"--num_classes={FLAGS.ncls}",
+        f"--ipc={FLAGS.ipc}",
+        f"--res={FLAGS.res}",
+        f"--depth={FLAGS.depth}",
+        f"--syn_steps={n}",
+        f"--mode={mode}",
+        f"--iters={FLAGS.iters}",
+        f"--dsa_strategy={'color_crop_cutout_flip_scale_rotate' if dsa else 'none'}",
+    ]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise RuntimeError(f"experiments.bench failed:\n{r.stderr[-2000:]}")
+    rec = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")][-1]
+    return float(rec["ms_per_iter"])
+
+
+def run_torch(n: int) -> float:
+    """Median ms per outer iteration of MTT's ``torch_mtt.py`` in a fresh process."""
+    script = os.path.join(FLAGS.mtt_dir, "torch_mtt.py")
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"MTT's timing script is not at {script} (--mtt_dir)")
+    args = [
+        FLAGS.torch_python,
+        script,
+        f"--ncls={FLAGS.ncls}",
+        f"--ipc={FLAGS.ipc}",
+        f"--res={FLAGS.res}",
+        f"--depth={FLAGS.depth}",
+        f"--steps={n}",
+        f"--iters={FLAGS.iters}",
+    ]
+    r = subprocess.run(args, capture_output=True, text=True, check=False)
+    m = _TORCH_MS.search(r.stdout)
+    if r.returncode or not m:
+        raise RuntimeError(f"torch_mtt.py failed (--torch_python?):\n{r.stderr[-2000:]}")
+    return float(m.group(1))
+
+
+def summarise(rounds: list[dict]) -> list[dict]:
+    """Per (N, mode, dsa): medians of both sides and the ratio's median and range."""
+    out = []
+    keys = sorted({(r["steps"], r["mode"], r["dsa"]) for r in rounds})
+    for n, mode, dsa in keys:
+        rs = [r for r in rounds if (r["steps"], r["mode"], r["dsa"]) == (n, mode, dsa)]
+        ratios = [r["mtt_ms"] / r["jax_ms"] for r in rs]
+        out.append(
+            {
+                "steps": n,
+                "mode": mode,
+                "dsa": dsa,
+                "rounds": len(rs),
+                "jax_ms": statistics.median(r["jax_ms"] for r in rs),
+                "mtt_ms": statistics.median(r["mtt_ms"] for r in rs),
+                "ratio_median": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+            }
+        )
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    dsas = {"off": [False], "on": [True], "both": [False, True]}[FLAGS.dsa]
+    rounds = []
+    try:
+        for n in (int(s) for s in FLAGS.steps):
+            for k in range(FLAGS.rounds):
+                mtt = run_torch(n)
+                for mode in FLAGS.mode:
+                    for dsa in dsas:
+                        rec = {
+                            "round": k,
+                            "steps": n,
+                            "mode": mode,
+                            "dsa": "on" if dsa else "off",
+                            "jax_ms": run_jax(n, mode, dsa),
+                            "mtt_ms": mtt,
+                        }
+                        print(json.dumps(rec), flush=True)
+                        rounds.append(rec)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s in summarise(rounds):
+        print(json.dumps({"summary": s}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
