@@ -34,6 +34,8 @@ from satm_jax import train as train_lib
 
 Array = jax.Array
 
+PREDICT_CHUNK = 500  # test images per jit call when the evaluated networks are tested
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -155,9 +157,19 @@ def evaluate_set(
         bar.update(length)
         bar.set_postfix(train_acc=f"{100 * float(jnp.mean(metrics['acc'][:, -1])):.1f}%")
     bar.close()
-    predict = train_lib.make_predict(model)
-    logits = jax.jit(jax.vmap(predict, in_axes=(0, 0, None)))(
-        states.params, states.batch_stats, test_images
+    # The test set goes through in chunks from the host: one jit program for all of it would
+    # hold every chunk's activations (x the networks, x 9 for patch convolutions) at once,
+    # tens of GiB for 10,000 images at width 128.
+    chunk = PREDICT_CHUNK
+    predict = jax.jit(
+        jax.vmap(train_lib.make_predict(model, batch_size=chunk), in_axes=(0, 0, None))
+    )
+    logits = jnp.concatenate(
+        [
+            predict(states.params, states.batch_stats, test_images[i : i + chunk])
+            for i in range(0, test_images.shape[0], chunk)
+        ],
+        axis=1,
     )
     accs = jax.vmap(train_lib.accuracy, (0, None))(logits, test_labels)
     return EvalResult(np.asarray(accs))

@@ -111,3 +111,37 @@ def test_unknown_model_and_norm_are_refused():
         models.build_model(models.ModelConfig(name="nope"), 10)
     with pytest.raises(ValueError, match="unknown norm"):
         models.build_model(models.ModelConfig(norm="layer"), 10)
+
+
+def test_evaluation_tests_in_chunks_with_the_same_accuracy(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from satm_jax import evaluate, models
+
+    net = models.ConvNet(num_classes=3, width=4, depth=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
+    y = jnp.arange(6, dtype=jnp.int32) % 3
+    tx = jax.random.normal(jax.random.PRNGKey(1), (23, 8, 8, 1))
+    ty = jnp.arange(23, dtype=jnp.int32) % 3
+    cfg = evaluate.EvalConfig(epochs=3, num_models=2, dsa_strategy="none")
+    whole = evaluate.evaluate_set(net, x, y, 0.05, tx, ty, cfg, progress=False)
+    seen = []
+    real = evaluate.train_lib.make_predict
+
+    def recording(model, batch_size=1000):
+        predict = real(model, batch_size)
+
+        def run(params, stats, images):
+            seen.append(images.shape[0])  # static under jit: once per traced chunk shape
+            return predict(params, stats, images)
+
+        return run
+
+    monkeypatch.setattr(evaluate, "PREDICT_CHUNK", 5)
+    monkeypatch.setattr(evaluate.train_lib, "make_predict", recording)
+    chunked = evaluate.evaluate_set(net, x, y, 0.05, tx, ty, cfg, progress=False)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(chunked.accs, whole.accs)
+    assert sorted(set(seen)) == [3, 5]  # 23 test images went through in chunks of 5
