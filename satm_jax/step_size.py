@@ -23,7 +23,7 @@ Example:
   >>> from satm_jax import step_size
   >>> start, target = {"w": jnp.array([1.0, 1.0])}, {"w": jnp.array([0.0, 0.0])}
   >>> grad_sum = {"w": jnp.array([10.0, 10.0])}
-  >>> float(step_size.best_constant_step(step_size.step_moments(start, target, grad_sum)))
+  >>> round(float(step_size.best_constant_step(step_size.step_moments(start, target, grad_sum))), 6)
   0.1
 """
 
