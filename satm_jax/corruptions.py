@@ -271,9 +271,9 @@ def _affine(x: Array, inverse: Array, offset: Array | None = None) -> Array:
     n, h, w, _ = x.shape
     centre = jnp.asarray([(h - 1) / 2.0, (w - 1) / 2.0], x.dtype)
     rr, cc = jnp.meshgrid(jnp.arange(h, dtype=x.dtype), jnp.arange(w, dtype=x.dtype), indexing="ij")
-    p = jnp.stack([rr, cc], axis=-1) - centre  # (H, W, 2)
+    p = jnp.stack([rr, cc], axis=-1) - centre[None, None, :]  # (H, W, 2)
     src = jnp.einsum("nij,hwj->nhwi", inverse.astype(x.dtype), p, precision=lax.Precision.HIGHEST)
-    src = src + centre
+    src = src + centre[None, None, None, :]
     if offset is not None:
         src = src + offset.astype(x.dtype)[:, None, None, :]
     return _sample_bilinear(x, src[..., 0], src[..., 1])
@@ -338,6 +338,7 @@ def _segment_distance(p: Array, a: Array, b: Array) -> Array:
     ``(..., H, W)``."""
     a = a[..., None, None, :]
     b = b[..., None, None, :]
+    p = p.reshape((1,) * (a.ndim - p.ndim) + p.shape)  # explicit leading axes
     ab = b - a
     t = jnp.sum((p - a) * ab, axis=-1) / jnp.maximum(jnp.sum(ab * ab, axis=-1), _f(1e-6, p.dtype))
     t = jnp.clip(t, 0.0, 1.0)
@@ -512,6 +513,7 @@ def _motion_blur(x: Array, s: int, k: Array) -> Array:
     pc = t[None, :] * jnp.cos(angle)[:, None]
     grid = jnp.arange(-r, r + 1, dtype=dt)
     one = _f(1.0, dt)
+    grid = grid[None, None, :]
     wr = jnp.maximum(one - jnp.abs(pr[:, :, None] - grid), 0.0)  # (N, T, K): bilinear splat
     wc = jnp.maximum(one - jnp.abs(pc[:, :, None] - grid), 0.0)
     kernels = jnp.einsum("nti,ntj->nij", wr, wc, precision=lax.Precision.HIGHEST)
@@ -637,7 +639,7 @@ def _draw_zigzags(x: Array, u: Array, n_drawn: Array) -> Array:
     n_lines, n_seg = u.shape[1], 4
     lo = jnp.asarray([0.25 * (h - 1), 0.25 * (w - 1), 0.0, 0.5 * size, 0.06 * size], dt)
     hi = jnp.asarray([0.75 * (h - 1), 0.75 * (w - 1), 2 * math.pi, 0.9 * size, 0.14 * size], dt)
-    u = lo + u * (hi - lo)
+    u = lo[None, None, :] + u * (hi - lo)[None, None, :]
     mid, ang, length, amp = u[..., :2], u[..., 2:3], u[..., 3:4], u[..., 4:5]
     along = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
     across = jnp.concatenate([jnp.cos(ang), -jnp.sin(ang)], axis=-1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -447,11 +448,14 @@ def train_experts(
     test_labels: Array | None = None,
     progress: bool = True,
     mesh: Any | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[tuple[int, list[Params], float | None]]:
     """Trains experts ``indices`` together (one ``vmap`` group) for ``cfg.epochs`` epochs.
 
     With a ``mesh`` (``satm_jax.parallel.make_mesh``) whose size divides the group, the expert
     axis is split across its devices (each device trains its share; the data are replicated).
+    A group that does not divide (e.g. the last, smaller group) trains on one device with the
+    same results, and ``log`` (default: a ``logging`` warning) says so.
 
     Returns ``[(index, [theta_0, ..., theta_E], test_acc), ...]``; each ``theta`` is a host
     (NumPy) parameter tree.
@@ -464,6 +468,13 @@ def train_experts(
         keys = parallel.shard_leading(keys, mesh)
         train_images = parallel.replicate(train_images, mesh)
         train_labels = parallel.replicate(train_labels, mesh)
+    elif mesh is not None:
+        n = parallel.num_devices(mesh)
+        (log or logging.getLogger(__name__).warning)(
+            f"experts {indices[0]}-{indices[-1]}: a group of {len(indices)} does not divide "
+            f"across {n} devices; training it on one device (an --expert_parallel that is a "
+            f"multiple of {n} uses them all)"
+        )
     k_init = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     states = init(k_init)
     host = lambda s: jax.tree.map(np.asarray, s.params)  # noqa: E731
@@ -529,6 +540,7 @@ def generate_experts(
             test_labels=test_labels,
             progress=progress,
             mesh=mesh,
+            log=log,
         )
         for i, traj, acc in results:
             bad = [

@@ -652,7 +652,9 @@ def load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # The file handle is ours: np.load leaves the one it opens unclosed when the file is
+        # not a zip archive (a ResourceWarning on every corrupt cache).
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
             arrays = {k: z[k] for k in _CACHE_ARRAYS}

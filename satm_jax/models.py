@@ -65,6 +65,13 @@ def resolve_conv_impl(conv_impl: str) -> str:
     return conv_impl
 
 
+def per_channel(v: Array, like: Array) -> Array:
+    """A per-channel vector ``v`` (``(C,)``) cast to ``like``'s dtype and shaped
+    ``(1, ..., 1, C)`` to broadcast over ``like``'s last axis explicitly (the same numbers as
+    NumPy's implicit rank promotion, which strict ``jax_numpy_rank_promotion`` refuses)."""
+    return v.astype(like.dtype).reshape((1,) * (like.ndim - 1) + v.shape)
+
+
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int, impl: str) -> Array:
     """2-D convolution (NHWC input, HWIO kernel), by ``lax`` or by patches-then-matmul.
 
@@ -123,7 +130,7 @@ class Conv(nn.Module):
         )
         if self.use_bias:
             bias = self.param("bias", torch_uniform_init(fan_in), (self.features,))
-            y = y + bias.astype(x.dtype)
+            y = y + per_channel(bias, y)
         return y
 
 
@@ -137,7 +144,8 @@ class Dense(nn.Module):
         fan_in = x.shape[-1]
         kernel = self.param("kernel", torch_uniform_init(fan_in), (fan_in, self.features))
         bias = self.param("bias", torch_uniform_init(fan_in), (self.features,))
-        return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+        y = x @ kernel.astype(x.dtype)
+        return y + per_channel(bias, y)
 
 
 class InstanceNorm(nn.Module):
@@ -158,7 +166,7 @@ class InstanceNorm(nn.Module):
         mean = jnp.mean(x, axis=(1, 2), keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return y * scale.astype(x.dtype) + bias.astype(x.dtype)
+        return y * per_channel(scale, y) + per_channel(bias, y)
 
 
 def make_norm(norm: str, train: bool) -> Callable[[Array], Array]:

@@ -219,7 +219,8 @@ def load_distilled(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no distilled set at {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # Our own handle: np.load leaves the one it opens unclosed on a file that is no zip.
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except Exception as e:
         raise ValueError(f"{path} is not a readable distilled-set export: {e}") from e

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from satm_jax import augment
-from tests.conftest import x64
+from tests.helpers import slow_cases, x64
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -286,6 +286,7 @@ def _captured_warp(monkeypatch, family, x, key):
     return y, seen[0]
 
 
+@pytest.mark.slow
 def test_rotate_is_a_reference_rotation_per_sample(monkeypatch):
     x = _images(4, (64, 12, 10, 3), -1.0, 1.0)
     y, theta = _captured_warp(monkeypatch, augment.rotate, x, jax.random.PRNGKey(4))
@@ -387,7 +388,7 @@ def _fn(name):
     return lambda k, x: augment.FAMILY_FNS[name](k, x, augment.DSAParams())
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", slow_cases(ALL, ["full", "scale", "color"]))
 def test_image_gradients_are_finite_eager_jit_and_vmapped_over_keys(name):
     fn = _fn(name)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
@@ -424,6 +425,7 @@ def test_same_key_same_output_other_key_other_output(name):
     assert fn(k1, x).dtype == x.dtype and fn(k1, x).shape == x.shape
 
 
+@pytest.mark.slow
 def test_strategy_applies_exactly_one_family_per_call_and_uses_them_all():
     h, w = 12, 10
     probes = probe_image(h, w)[None].repeat(8, 0)

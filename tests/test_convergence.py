@@ -4,9 +4,10 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from satm_jax import augment, convergence, distill, outputs, pipeline
-from tests.test_distill import _setup
+from tests.helpers import distill_problem
 
 ITS = np.arange(500)
 
@@ -58,8 +59,9 @@ def test_smooth_is_a_trailing_mean():
     np.testing.assert_allclose(convergence.smooth([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
 
 
+@pytest.mark.slow
 def test_the_warning_fires_on_a_run_whose_images_do_not_move(tmp_path):
-    cfg, apply_fn, bank, x, y = _setup(iterations=30, steps_per_call=30)
+    cfg, apply_fn, bank, x, y = distill_problem(iterations=30, steps_per_call=30)
     cfg = dataclasses.replace(cfg, lr_img=0.0, lr_lr=0.0)  # nothing can move
     state = distill.init_state(cfg, x, y)
     step = distill.make_outer_step(apply_fn, augment.make_augment(cfg.dsa_strategy), cfg)

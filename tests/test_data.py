@@ -232,11 +232,21 @@ def test_mnist_idx_in_data_dir(tmp_path, gz):
     assert ds.class_names == tuple("0123456789") and ds.num_classes == 10
 
 
-def test_fashion_mnist_in_subfolder_takes_precedence_over_debian(tmp_path):
-    arrays = make_idx_set(tmp_path / "fashion_mnist", gz=True, seed=2)
-    ds = data.load_dataset("fashion_mnist", data_dir=tmp_path)
+def test_fashion_mnist_in_subfolder_takes_precedence_over_debian(tmp_path, monkeypatch):
+    # Two complete sets with different contents: one where the Debian package puts it, one in
+    # the data_dir's subfolder.
+    debian = make_idx_set(tmp_path / "debian" / "fashion-mnist", gz=False, seed=9)
+    monkeypatch.setattr(
+        data, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian" / "fashion-mnist")
+    )
+    arrays = make_idx_set(tmp_path / "data" / "fashion_mnist", gz=True, seed=2)
+    assert not np.array_equal(debian["train-labels-idx1-ubyte"], arrays["train-labels-idx1-ubyte"])
+    ds = data.load_dataset("fashion_mnist", data_dir=tmp_path / "data")
     check_idx_dataset(ds, arrays)
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
+    # The Debian folder is a valid set, used when data_dir holds none.
+    check_idx_dataset(data.load_dataset("fashion_mnist"), debian)
+    check_idx_dataset(data.load_dataset("fashion_mnist", data_dir=tmp_path / "empty"), debian)
 
 
 def test_mnist_missing_files_message(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from satm_jax import augment, experts, models
-from tests.conftest import flatten, tree_allclose
+from tests.helpers import flatten, read_json, tree_allclose
 
 SPEC = {
     "dataset": "digits",
@@ -44,15 +44,43 @@ def test_save_and_load_round_trip(tmp_path):
     assert bank.num_experts == 1 and bank.num_epochs == 3
     s, t, e, ep = experts.sample_start_target(bank, jax.random.PRNGKey(0), 0, 2, 1)
     tree_allclose(s, jax.tree.map(lambda x: x + int(ep), traj[0]), rtol=1e-6, atol=1e-6)
-    assert json.load(open(tmp_path / "manifest.json"))["test_acc"] == {"1": 0.5}
+    assert read_json(tmp_path / "manifest.json")["test_acc"] == {"1": 0.5}
 
 
 def test_partial_restore_reads_only_the_requested_epochs(tmp_path, monkeypatch):
+    from orbax.checkpoint import type_handlers
+
     net, traj = _traj(epochs=5)
     store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=5)
     store.save_expert(0, traj)
+    # Record every parameter orbax deserialises from disk, whatever handler reads it.
+    read = []
+    for cls in (
+        type_handlers.NumpyHandler,
+        type_handlers.ArrayHandler,
+        type_handlers.ScalarHandler,
+    ):
+
+        def recording(orig):
+            async def deserialize(self, infos, args=None):
+                read.extend(i.name for i in infos if not i.skip_deserialize)
+                return await orig(self, infos, args)
+
+            return deserialize
+
+        monkeypatch.setattr(cls, "deserialize", recording(cls.deserialize))
     out = store._restore(0, [2, 4], None)
     assert sorted(out) == ["epoch_002", "epoch_004"]
+    tree_allclose(out["epoch_002"], traj[2], rtol=0, atol=0)
+    tree_allclose(out["epoch_004"], traj[4], rtol=0, atol=0)
+    n_leaves = len(jax.tree.leaves(traj[0]))
+    assert len(read) == 2 * n_leaves, read  # each leaf of the two epochs once, nothing else
+    assert {name.split(".")[0] for name in read} == {"epoch_002", "epoch_004"}
+    # load_pair goes through the same partial read.
+    read.clear()
+    store.load_pair(0, 1, 3)
+    assert sorted({name.split(".")[0] for name in read}) == ["epoch_001", "epoch_004"]
+    assert len(read) == 2 * n_leaves
 
 
 def test_mismatched_store_is_refused_with_what_differs(tmp_path):
@@ -117,6 +145,7 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
         experts.ExpertStore.open(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_training_records_every_epoch_and_resumes_expert_by_expert(tmp_path, digits):
     net = models.ConvNet(num_classes=10, width=4, depth=1)
     x = jnp.asarray(digits.train_images[:200], jnp.float32) / 255.0
@@ -148,6 +177,7 @@ def test_training_records_every_epoch_and_resumes_expert_by_expert(tmp_path, dig
     assert not np.allclose(a0["Dense_0"]["kernel"], a1["Dense_0"]["kernel"])  # different inits
 
 
+@pytest.mark.slow
 def test_a_diverged_expert_is_refused_not_saved(tmp_path, digits):
     net = models.ConvNet(num_classes=10, width=4, depth=1)
     x = jnp.asarray(digits.train_images[:64], jnp.float32) / 255.0
@@ -172,6 +202,7 @@ def test_a_diverged_expert_is_refused_not_saved(tmp_path, digits):
     assert store.completed() == []
 
 
+@pytest.mark.slow
 def test_gsam_experts_take_the_gsam_step_by_hand(digits):
     """FTD's flat experts: one full-batch epoch is one SGD step along GSAM's direction."""
     net = models.ConvNet(num_classes=10, width=4, depth=1)

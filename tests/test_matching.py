@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from satm_jax import augment, matching
-from tests.conftest import tiny_problem, tree_allclose, x64
+from tests.helpers import tiny_problem, tree_allclose, x64
 
 N_STEPS = 3
 
@@ -17,6 +17,7 @@ def _setup(dtype, n_steps=N_STEPS, batch_syn=None, n=4, seed=0):
     return apply_fn, start, target, images, labels, batches
 
 
+@pytest.mark.slow
 def test_exact_hypergradient_matches_central_finite_differences_float64():
     with x64():
         apply_fn, start, target, images, labels, batches = _setup(jnp.float64)
@@ -59,6 +60,7 @@ def test_exact_hypergradient_with_minibatches_matches_finite_differences_float64
         np.testing.assert_allclose(float(jnp.vdot(g, d)), float(fd), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_truncation_with_k_equal_n_is_the_exact_hypergradient():
     apply_fn, start, target, images, labels, batches = _setup(jnp.float32)
     lr = jnp.asarray(0.05)
@@ -74,6 +76,7 @@ def test_truncation_with_k_equal_n_is_the_exact_hypergradient():
     tree_allclose(grads(None), grads(N_STEPS), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_truncated_hypergradient_differentiates_only_the_last_k_steps():
     apply_fn, start, target, images, labels, batches = _setup(jnp.float32, n_steps=4)
     lr = jnp.asarray(0.05)
@@ -103,6 +106,7 @@ def test_truncated_hypergradient_differentiates_only_the_last_k_steps():
     np.testing.assert_allclose(l_t, l_e, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_the_hypergradient():
     apply_fn, start, target, images, labels, batches = _setup(jnp.float32)
     g = [
@@ -116,6 +120,7 @@ def test_remat_does_not_change_the_hypergradient():
     np.testing.assert_allclose(g[0], g[1], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_suffix_from_the_prefix_reproduces_the_truncated_gradient():
     """Trajectory reusing's building block: restarting from theta_{N-K} changes nothing."""
     apply_fn, start, target, images, labels, batches = _setup(jnp.float32, n_steps=5)
@@ -155,6 +160,7 @@ def test_first_order_step_size_gradient_closed_form():
     np.testing.assert_allclose(g, expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_first_order_step_size_gradient_equals_backprop_when_n_is_one():
     with x64():
         apply_fn, start, target, images, labels, batches = _setup(jnp.float64, n_steps=1)

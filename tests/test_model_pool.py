@@ -179,6 +179,7 @@ def _data(shape, n=4, seed=0):
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", POOL)
 def test_forward_and_one_sgd_step(name):
     net = _build(name)
@@ -220,6 +221,7 @@ def test_forward_and_one_sgd_step(name):
     assert logits28.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits28)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18_ap", "vgg11_bn"])
 def test_batchnorm_train_uses_the_batch_and_eval_uses_running_averages(name):
     net = _build(name)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from satm_jax import models
-from tests.conftest import tree_allclose
+from tests.helpers import slow_cases, tree_allclose
 
 
 def _net_and_params(conv_impl, norm="instancenorm", channels=3, depth=2, width=8):
@@ -13,7 +13,9 @@ def _net_and_params(conv_impl, norm="instancenorm", channels=3, depth=2, width=8
     return net, variables
 
 
-@pytest.mark.parametrize("norm", ["instancenorm", "batchnorm", "none"])
+@pytest.mark.parametrize(
+    "norm", slow_cases(["instancenorm", "batchnorm", "none"], ["instancenorm", "none"])
+)
 def test_patches_and_lax_convolutions_agree_on_outputs_and_gradients(norm):
     net_p, variables = _net_and_params("patches", norm)
     net_l, _ = _net_and_params("lax", norm)
@@ -69,6 +71,7 @@ def test_parameter_counts_match_mtt(shape, classes, depth, expected):
     assert models.count_params(params) == expected
 
 
+@pytest.mark.slow
 def test_depth_follows_resolution():
     assert [models.default_depth(r) for r in (8, 16, 28, 32, 64, 128)] == [1, 2, 3, 3, 4, 5]
     net = models.ConvNet(num_classes=10, width=4)
@@ -76,6 +79,7 @@ def test_depth_follows_resolution():
     assert len([k for k in p if k.startswith("Conv")]) == 4
 
 
+@pytest.mark.slow
 def test_pytorch_default_initialisation_bounds():
     net = models.ConvNet(num_classes=10, width=64, depth=2)
     p = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -99,6 +103,7 @@ def test_instance_norm_matches_a_numpy_groupnorm():
     np.testing.assert_allclose(y, (x - m) / np.sqrt(v + 1e-5), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_any_number_of_input_channels_and_odd_sizes():
     for c in (1, 2, 4):
         net = models.ConvNet(num_classes=3, width=4, depth=2)
@@ -113,6 +118,7 @@ def test_unknown_model_and_norm_are_refused():
         models.build_model(models.ModelConfig(norm="layer"), 10)
 
 
+@pytest.mark.slow
 def test_evaluation_tests_in_chunks_with_the_same_accuracy(monkeypatch):
     import jax
     import jax.numpy as jnp

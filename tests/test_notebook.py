@@ -11,11 +11,12 @@ import sys
 
 import pytest
 
+from tests.helpers import ROOT
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "satm_colab.ipynb")
 
 
@@ -82,6 +83,7 @@ def test_committed_notebook_is_clean_nbformat4():
     assert "jax[cuda12]" in sources and "jax[tpu]" in sources
 
 
+@pytest.mark.slow
 def test_notebook_runs_tiny(tmp_path, monkeypatch):
     _python3_kernelspec(tmp_path, monkeypatch)
     nb = _read()

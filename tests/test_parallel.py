@@ -1,12 +1,14 @@
 """Several devices: the 8 simulated CPU devices give the single-device results."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from satm_jax import augment, distill, experts, models, parallel
-from tests.conftest import tiny_problem, tree_allclose
-from tests.test_distill import _bank
+from tests.helpers import synthetic_bank, tiny_problem, tree_allclose
 
 
 def test_eight_simulated_devices_are_present():
@@ -14,9 +16,10 @@ def test_eight_simulated_devices_are_present():
     assert parallel.num_devices(parallel.make_mesh()) == 8
 
 
+@pytest.mark.slow
 def test_data_parallel_outer_step_matches_one_device():
     _, apply_fn, params, _, x, y = tiny_problem(n=16, classes=4)
-    bank = _bank(params)
+    bank = synthetic_bank(params)
     cfg = distill.DistillConfig(
         ipc=4,
         syn_steps=3,
@@ -50,7 +53,28 @@ def test_data_parallel_outer_step_matches_one_device():
     assert "all-reduce" in hlo
 
 
-def test_experts_trained_across_devices_match_one_device(digits):
+def _recording_trainer(monkeypatch):
+    """Wraps ``experts.make_expert_trainer`` so that every epoch's inputs and output states are
+    kept: the arrays ``train_experts`` really trains on, with their shardings."""
+    seen = []
+    real = experts.make_expert_trainer
+
+    def make(*args, **kw):
+        init, epoch = real(*args, **kw)
+
+        def recording_epoch(states, keys, images, labels):
+            new_states, metrics = epoch(states, keys, images, labels)
+            seen.append({"keys": keys, "images": images, "params": new_states.params})
+            return new_states, metrics
+
+        return init, recording_epoch
+
+    monkeypatch.setattr(experts, "make_expert_trainer", make)
+    return seen
+
+
+@pytest.mark.slow
+def test_experts_trained_across_devices_match_one_device(digits, monkeypatch):
     net = models.ConvNet(num_classes=10, width=4, depth=1)
     x = jnp.asarray(digits.train_images[:128], jnp.float32) / 255.0
     y = jnp.asarray(digits.train_labels[:128])
@@ -59,13 +83,63 @@ def test_experts_trained_across_devices_match_one_device(digits):
     )
     aug = augment.make_augment("crop")
     ids = list(range(8))
+    seen = _recording_trainer(monkeypatch)
     one = experts.train_experts(net, cfg, x, y, ids, augment_fn=aug, progress=False)
+    assert len(seen) == 2
+    for leaf in jax.tree.leaves(seen[-1]["params"]):
+        assert len(leaf.sharding.device_set) == 1  # no mesh: one device
+    seen.clear()
+    mesh = parallel.make_mesh()
+    messages = []
     many = experts.train_experts(
-        net, cfg, x, y, ids, augment_fn=aug, progress=False, mesh=parallel.make_mesh()
+        net, cfg, x, y, ids, augment_fn=aug, progress=False, mesh=mesh, log=messages.append
     )
+    assert messages == [] and len(seen) == 2
+    for record in seen:
+        # Each of the 8 devices holds one expert's key and parameters, and all the data.
+        assert record["keys"].sharding.is_equivalent_to(parallel.leading(mesh), 2)
+        assert record["images"].sharding.is_fully_replicated
+        assert len(record["images"].sharding.device_set) == 8
+        for leaf in jax.tree.leaves(record["params"]):
+            assert leaf.shape[0] == 8
+            assert leaf.sharding.is_equivalent_to(parallel.leading(mesh), leaf.ndim)
+            shards = leaf.addressable_shards
+            assert len({s.device for s in shards}) == 8
+            assert sorted(s.index[0].start for s in shards) == list(range(8))
+            assert all(s.data.shape[0] == 1 for s in shards)
     for (i, t1, _), (j, t8, _) in zip(one, many):
         assert i == j
         tree_allclose(t8[-1], t1[-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_group_that_does_not_divide_the_devices_trains_on_one_device_and_says_so(
+    digits, monkeypatch, caplog
+):
+    net = models.ConvNet(num_classes=10, width=4, depth=1)
+    x = jnp.asarray(digits.train_images[:32], jnp.float32) / 255.0
+    y = jnp.asarray(digits.train_labels[:32])
+    cfg = experts.ExpertConfig(
+        num_experts=3, epochs=1, batch_size=32, parallel=3, dsa_strategy="none"
+    )
+    seen = _recording_trainer(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="satm_jax.experts"):
+        out = experts.train_experts(
+            net,
+            cfg,
+            x,
+            y,
+            [0, 1, 2],
+            augment_fn=augment.make_augment("none"),
+            progress=False,
+            mesh=parallel.make_mesh(),
+        )
+    assert [i for i, _, _ in out] == [0, 1, 2]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "satm_jax.experts"]
+    assert "experts 0-2: a group of 3 does not divide across 8 devices" in message
+    assert "training it on one device" in message and "--expert_parallel" in message
+    for leaf in jax.tree.leaves(seen[-1]["params"]):
+        assert len(leaf.sharding.device_set) == 1
 
 
 def test_shard_leading_refuses_indivisible_axes():

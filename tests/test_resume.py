@@ -4,9 +4,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,8 @@ import pytest
 
 import satm_jax
 from satm_jax import checkpoint, configs, distill, outputs
-from tests.conftest import tree_allclose
+from tests.helpers import read_text, run_module, tree_allclose
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
     "--ipc=1",
     "--method=satm",
@@ -38,12 +36,8 @@ ARGS = [
 ]
 
 
-def _cmd(wd):
-    return [sys.executable, "-m", "experiments.run", f"--workdir={wd}", *ARGS]
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+def _run(wd, **kw):
+    return run_module("run", f"--workdir={wd}", *ARGS, **kw)
 
 
 def _steps(wd):
@@ -53,17 +47,14 @@ def _steps(wd):
     return sorted(int(x) for x in os.listdir(d) if x.isdigit())
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_and_gives_the_same_set_bit_for_bit(tmp_path):
     wd_a, wd_b = str(tmp_path / "a"), str(tmp_path / "b")
-    r = subprocess.run(
-        _cmd(wd_a), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
-    )
+    r = _run(wd_a)
     assert r.returncode == 0, r.stderr[-3000:]
     shutil.copytree(os.path.join(wd_a, "experts"), os.path.join(wd_b, "experts"))
 
-    p = subprocess.Popen(
-        _cmd(wd_b), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    p = _run(wd_b, background=True)
     deadline = time.time() + 300
     while time.time() < deadline and not [s for s in _steps(wd_b) if s >= 15]:
         time.sleep(0.02)
@@ -73,9 +64,7 @@ def test_sigkill_then_rerun_resumes_and_gives_the_same_set_bit_for_bit(tmp_path)
     assert 15 <= killed_at < 60, f"the run was not interrupted mid-way ({killed_at})"
     assert not os.path.exists(os.path.join(wd_b, "runs", "digits_ipc1_satm", "distilled.npz"))
 
-    r = subprocess.run(
-        _cmd(wd_b), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
-    )
+    r = _run(wd_b)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from iteration" in r.stdout
     a = satm_jax.load_distilled(os.path.join(wd_a, "runs", "digits_ipc1_satm", "distilled.npz"))
@@ -83,7 +72,10 @@ def test_sigkill_then_rerun_resumes_and_gives_the_same_set_bit_for_bit(tmp_path)
     assert np.array_equal(a["images"], b["images"])  # bit for bit
     assert a["syn_lr"] == b["syn_lr"] and int(b["iteration"]) == 60
     recs = [
-        json.loads(x) for x in open(os.path.join(wd_b, "runs", "digits_ipc1_satm", "metrics.jsonl"))
+        json.loads(x)
+        for x in read_text(
+            os.path.join(wd_b, "runs", "digits_ipc1_satm", "metrics.jsonl")
+        ).splitlines()
     ]
     its = [x["iteration"] for x in recs if "loss" in x]
     assert its == list(range(1, 61))  # no gaps or duplicates across the restart
@@ -120,7 +112,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     ck.save(s._replace(iteration=jnp.asarray(10, jnp.int32)))
     for root, _, files in os.walk(tmp_path / "10"):
         for f in files:
-            open(os.path.join(root, f), "wb").write(b"\x00garbage")
+            Path(root, f).write_bytes(b"\x00garbage")
     msgs = []
     restored = checkpoint.DistillCheckpointer(str(tmp_path), {"a": 1}).restore_latest(
         _state(), log=msgs.append
@@ -130,7 +122,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert any("resuming from iteration 5" in m for m in msgs)
     for root, _, files in os.walk(tmp_path / "5"):
         for f in files:
-            open(os.path.join(root, f), "wb").write(b"\x00garbage")
+            Path(root, f).write_bytes(b"\x00garbage")
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
         checkpoint.DistillCheckpointer(str(tmp_path), {"a": 1}).restore_latest(
             _state(), log=lambda m: None

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,43 +9,15 @@ import pytest
 import satm_jax
 from experiments import run as run_lib
 from satm_jax import configs, data, pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--iterations=4",
-    "--syn_steps=3",
-    "--num_experts=2",
-    "--expert_train_epochs=3",
-    "--max_start_epoch=2",
-    "--expert_epochs=1",
-    "--eval_epochs=3",
-    "--num_eval=2",
-    "--width=8",
-    "--depth=1",
-    "--full_epochs=1",
-    "--progress=false",
-    "--steps_per_call=2",
-    "--checkpoint_every=2",
-]
+from tests.helpers import TINY, read_json, read_text, run_module
 
 
-def _run(args, cwd=ROOT, timeout=600, module="run"):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
-    return subprocess.run(
-        [sys.executable, "-m", f"experiments.{module}", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
+@pytest.mark.slow
 def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
     wd = str(tmp_path / "wd")
-    r = _run([f"--workdir={wd}", "--ipc=1", *TINY])
+    r = run_module("run", f"--workdir={wd}", "--ipc=1", *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.load(open(os.path.join(wd, "results.json")))
+    res = read_json(os.path.join(wd, "results.json"))
     assert set(res) == {"results", "config", "wall_s"}
     methods = sorted(row["method"] for row in res["results"])
     assert methods == ["full", "mtt", "random", "satm"]
@@ -62,7 +32,7 @@ def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
         d = satm_jax.load_distilled(os.path.join(rundir, "distilled.npz"))
         assert d["images"].shape == (10, 8, 8, 1) and d["syn_lr"] > 0
         assert d["config"]["method"] == m
-        lines = open(os.path.join(rundir, "metrics.jsonl")).read().splitlines()
+        lines = read_text(os.path.join(rundir, "metrics.jsonl")).splitlines()
         assert [json.loads(x)["iteration"] for x in lines if "loss" in json.loads(x)] == [
             1,
             2,
@@ -71,22 +41,21 @@ def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
         ]
     assert "satm" in r.stdout and "random" in r.stdout  # the table
     # A second run reuses everything that finished.
-    r2 = _run([f"--workdir={wd}", "--ipc=1", *TINY])
+    r2 = run_module("run", f"--workdir={wd}", "--ipc=1", *TINY)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "finished earlier" in r2.stdout and "reused" in r2.stdout
-    res2 = json.load(open(os.path.join(wd, "results.json")))
+    res2 = read_json(os.path.join(wd, "results.json"))
     assert [x["acc_mean"] for x in res2["results"]] == [x["acc_mean"] for x in res["results"]]
     # A saved set evaluated again with its run's protocol gives the run's accuracy; another
     # step size gives another row.
     satm_row = next(x for x in res["results"] if x["method"] == "satm")
     npz = os.path.join(wd, "runs", "digits_ipc1_satm", "distilled.npz")
     out = os.path.join(wd, "reeval.json")
-    r3 = _run(
-        [f"--distilled={npz}", "--lr=own,0.5", f"--out={out}", "--progress=false"],
-        module="evaluate",
+    r3 = run_module(
+        "evaluate", f"--distilled={npz}", "--lr=own,0.5", f"--out={out}", "--progress=false"
     )
     assert r3.returncode == 0, r3.stderr[-3000:]
-    rows = json.load(open(out))
+    rows = read_json(out)
     assert [x["lr"] for x in rows] == [pytest.approx(satm_row["syn_lr"]), 0.5]
     assert rows[0]["accs"] == satm_row["accs"] and rows[0]["method"] == "satm"
     assert sum(x.startswith("{") for x in r3.stdout.splitlines()) == 2
@@ -102,7 +71,7 @@ def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
 def test_evaluate_refuses_missing_or_corrupt_files(tmp_path, make, message):
     path = tmp_path / "d.npz"
     make(path)
-    r = _run([f"--distilled={path}", "--progress=false"], module="evaluate", timeout=300)
+    r = run_module("evaluate", f"--distilled={path}", "--progress=false", timeout=300)
     assert r.returncode == 2 and message in r.stderr
 
 
@@ -130,25 +99,69 @@ def test_run_config_round_trips_through_json():
 )
 def test_bad_input_stops_before_any_work(tmp_path, args, message):
     wd = tmp_path / "wd"
-    r = _run([f"--workdir={wd}", "--progress=false", *args], timeout=300)
+    r = run_module("run", f"--workdir={wd}", "--progress=false", *args, timeout=300)
     assert r.returncode == 2
     assert message in r.stderr
     assert not (wd / "experts").exists()  # nothing was trained
 
 
-def test_configs_from_flags_and_presets():
-    cfgs = run_lib.build_configs("digits", [1, 10], ["mtt", "satm"], "auto", {"lr_img": 5.0}, None)
+@pytest.fixture
+def absl_flags():
+    """``experiments.run``'s absl FLAGS, put back as they were (values and parsed state)."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    was_parsed = flags.FLAGS.is_parsed()
+    with flagsaver.flagsaver():
+        yield flags.FLAGS
+    if not was_parsed:
+        flags.FLAGS.unparse_flags()
+    assert flags.FLAGS.is_parsed() == was_parsed
+
+
+def test_configs_from_flags_and_presets(absl_flags):
+    FLAGS = absl_flags
+    FLAGS(
+        [
+            "prog",
+            "--dataset=digits",
+            "--ipc=1,10",
+            "--method=mtt,satm",
+            "--lr_img=5.0",
+            "--syn_steps=12",
+            "--noreuse_trajectory",
+        ]
+    )
+    overrides = run_lib.overrides_from_flags()
+    # Only the flags given on the command line override the preset.
+    assert overrides == {"lr_img": 5.0, "syn_steps": 12, "reuse_trajectory": False}
+    cfgs = run_lib.build_configs(
+        FLAGS.dataset,
+        run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset),
+        FLAGS.method,
+        FLAGS.preset,
+        overrides,
+        FLAGS.data_dir,
+    )
     assert [(c.ipc, c.method) for c in cfgs] == [(1, "mtt"), (1, "satm"), (10, "mtt"), (10, "satm")]
-    assert all(c.distill.lr_img == 5.0 for c in cfgs)
+    assert all(c.distill.lr_img == 5.0 and c.distill.syn_steps == 12 for c in cfgs)
+    assert all(c.dataset == "digits" and c.preset == "default" for c in cfgs)  # auto -> default
     mtt, satm = cfgs[0].distill, cfgs[1].distill
     assert (mtt.sharpness, mtt.hypergrad, mtt.lr_update) == ("none", "exact", "backprop")
     assert (satm.sharpness, satm.hypergrad, satm.reuse_trajectory, satm.lr_update) == (
         "sam",
         "truncated",
-        True,
+        False,
         "first_order",
     )
-    assert satm.truncate == int(np.ceil(satm.syn_steps / 3))
+    assert satm.truncate == int(np.ceil(12 / 3))
+    # Without flags the preset stands: trajectory reusing on, its own step count.
+    FLAGS.unparse_flags()
+    FLAGS(["prog"])
+    assert run_lib.overrides_from_flags() == {}
+    assert run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset) == [1, 10]
+    (plain,) = run_lib.build_configs("digits", [1], ["satm"], FLAGS.preset, {}, None)
+    assert plain.distill.reuse_trajectory and plain.distill.syn_steps != 12
     with pytest.raises(configs.ConfigError, match="unknown settings"):
         configs.make_run_config("digits", 1, "satm", overrides={"lr_imgg": 1})
     with pytest.raises(configs.ConfigError, match="preset 'default' exists for digits only"):

@@ -4,27 +4,15 @@ the GPU scripts that call them."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 
-from tests.test_run import ROOT, TINY
+from tests.helpers import ROOT, TINY, read_json, read_text, run, run_module
 
 
 def _module(name, *args, timeout=600, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
-    r = subprocess.run(
-        [sys.executable, "-m", f"experiments.{name}", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return run_module(name, *args, timeout=timeout, check=check)
 
 
 def _json_lines(text):
@@ -34,6 +22,7 @@ def _json_lines(text):
 SMALL = ["--num_classes=2", "--ipc=2", "--res=8", "--channels=1", "--width=8", "--depth=1"]
 
 
+@pytest.mark.slow
 def test_bench_prints_one_record_per_mode():
     r = _module(
         "bench",
@@ -51,6 +40,7 @@ def test_bench_prints_one_record_per_mode():
         assert x["backend"] == "cpu" and x["shape"]["num_classes"] == 2
 
 
+@pytest.mark.slow
 def test_flops_counts_are_positive_and_truncation_does_less_work():
     r = _module("flops", "--config=cpu-n2", "--mode=exact,truncated")
     exact, truncated = _json_lines(r.stdout)
@@ -58,6 +48,7 @@ def test_flops_counts_are_positive_and_truncation_does_less_work():
     assert truncated["gflop"] < exact["gflop"]  # K = 1 of N = 2 steps differentiated
 
 
+@pytest.mark.slow
 def test_precision_check_is_exact_on_the_cpu():
     r = _module("precision_check", *SMALL, "--syn_steps=2", "--iters=1")
     recs = _json_lines(r.stdout)
@@ -65,25 +56,26 @@ def test_precision_check_is_exact_on_the_cpu():
     assert all(x["rel_error"] < 1e-5 for x in recs)
 
 
+@pytest.mark.slow
 def test_ablation_table_reuses_the_plain_runs_of_its_workdir(tmp_path):
     wd = str(tmp_path / "wd")
     common = [f"--workdir={wd}", "--ipc=1", *TINY]
     _module("run", *common, "--method=mtt", "--baselines=false")
-    run_results = open(os.path.join(wd, "results.json")).read()
+    run_results = read_text(os.path.join(wd, "results.json"))
     r = _module("ablate", *common, "--variants=mtt,satm_asam")
     # The ablation keeps its own results files: the run's are left as they were.
-    assert open(os.path.join(wd, "results.json")).read() == run_results
+    assert read_text(os.path.join(wd, "results.json")) == run_results
     assert os.path.exists(os.path.join(wd, "ablation_results.json"))
     assert "finished earlier" in r.stdout  # the "mtt" variant is the plain run, not redone
-    table = open(os.path.join(wd, "ablation.md")).read()
+    table = read_text(os.path.join(wd, "ablation.md"))
     assert "| mtt |" in table and "| satm_asam |" in table
-    table = json.load(open(os.path.join(wd, "ablation.json")))["table"]
+    table = read_json(os.path.join(wd, "ablation.json"))["table"]
     assert {row["variant"] for row in table} >= {"mtt", "satm_asam"}
 
 
 def _script_invocations(path):
     """(module, flag names) for every `python3 -m experiments.X` (or `bench`) line of a script."""
-    text = open(path).read().replace("\\\n", " ")
+    text = read_text(path).replace("\\\n", " ")
     calls, pending = [], set()
     for line in text.splitlines():
         line = line.strip()
@@ -104,15 +96,7 @@ def _script_invocations(path):
 
 def _help(module):
     """The module's `--helpfull` text (absl exits with status 1 after printing it)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    r = subprocess.run(
-        [sys.executable, "-m", f"experiments.{module}", "--helpfull"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_module(module, "--helpfull", timeout=120)
     assert "--helpfull" in r.stdout + r.stderr, r.stderr[-3000:]
     return r.stdout + r.stderr
 
@@ -121,7 +105,7 @@ def test_gpu_scripts_parse_and_pass_only_defined_flags():
     helps = {}
     for script in ("gpu_fmnist.sh", "gpu_perf.sh"):
         path = os.path.join(ROOT, "experiments", script)
-        r = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
+        r = run(["bash", "-n", path], timeout=60)
         assert r.returncode == 0, r.stderr
         calls = _script_invocations(path)
         assert calls, script

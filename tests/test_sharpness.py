@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from satm_jax import sharpness
-from tests.conftest import flatten, tree_allclose
+from tests.helpers import flatten, tree_allclose
 
 A = jnp.array([[3.0, 0.5, 0.0], [0.5, 1.0, -0.2], [0.0, -0.2, 2.0]])
 
@@ -121,8 +121,13 @@ def test_asam_one_step_by_hand():
     rho, lr, eta = 0.5, 0.1, 0.01
     p = params0()
     w, h = flatten(p), flatten(grad(p))
-    t = np.abs(w) + eta
-    eps = rho * t**2 * h / np.linalg.norm(t * h)
+    t = np.abs(w) + eta  # T = |w| + eta
+    eps = rho * t**2 * h / np.linalg.norm(t * h)  # eps = rho T^2 g / ||T g||
+    # The step: the base optimizer (SGD) applies the gradient at w + eps, from w.
+    norm = np.linalg.norm(t * h)
+    adv = jax.tree.map(lambda x, g: x + rho * (jnp.abs(x) + eta) ** 2 * g / norm, p, grad(p))
+    np.testing.assert_allclose(flatten(adv), w + eps, rtol=1e-6)
+    expected = w - lr * flatten(grad(adv))
     seen = []
 
     def recording(q, i):
@@ -132,7 +137,11 @@ def test_asam_one_step_by_hand():
     tx = sharpness.asam(optax.sgd(lr), rho, eta)
     u, _ = tx.update(grad(p), tx.init(p), p, grad_fn=recording)
     np.testing.assert_allclose(seen[0], w + eps, rtol=1e-5)
-    assert np.all(np.isfinite(flatten(u)))
+    got = flatten(optax.apply_updates(p, u))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # ... and it is not SAM's step (the rescaling by T acts).
+    sam_step = flatten(_run(sharpness.sam(optax.sgd(lr), rho), steps=1)[0])
+    assert np.abs(got - sam_step).max() > 1e-3
 
 
 def test_asam_is_invariant_to_rescaling_a_block_as_its_paper_states():
@@ -179,6 +188,7 @@ def test_smoothing_with_sigma_zero_is_sam():
 
 
 def test_smoothing_uses_its_key_and_differs_from_sam():
+    rho, sigma, lr = 0.05, 0.5, 0.1
     seen = []
 
     def recording(q, i):
@@ -186,14 +196,24 @@ def test_smoothing_uses_its_key_and_differs_from_sam():
         return grad(q)
 
     p = params0()
-    tx = sharpness.smooth_sam(optax.sgd(0.1), 0.05, sigma=0.5, seed=3)
+    tx = sharpness.smooth_sam(optax.sgd(lr), rho, sigma=sigma, seed=3)
     s0 = tx.init(p)
-    _, s1 = tx.update(grad(p), s0, p, grad_fn=recording)
+    u, s1 = tx.update(grad(p), s0, p, grad_fn=recording)
     assert [i for i, _ in seen] == [0, 1]
     noise = jax.tree.map(jnp.subtract, seen[0][1], p)
     n = flatten(noise)
     assert 0.2 < n.std() < 1.0  # sigma = 0.5
     assert not np.array_equal(np.asarray(s0.key), np.asarray(s1.key))
+    # SAM from the same point, same rho and base optimizer, takes another step ...
+    got = flatten(optax.apply_updates(p, u))
+    sam_step = flatten(_run(sharpness.sam(optax.sgd(lr), rho), steps=1)[0])
+    assert np.abs(got - sam_step).max() > 1e-4, np.abs(got - sam_step).max()
+    # ... the one by hand: the ascent direction is the gradient at the noisy point.
+    h = grad(seen[0][1])
+    hn = np.linalg.norm(flatten(h))
+    adv = jax.tree.map(lambda x, g: x + rho * g / hn, p, h)
+    expected = flatten(p) - lr * flatten(grad(adv))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_grad_fn_and_unknown_name_are_clear_errors():

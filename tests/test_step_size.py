@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from satm_jax import distill, matching, step_size
-from tests.conftest import flatten, tiny_problem, x64
-from tests.test_distill import _setup
+from tests.helpers import distill_problem, flatten, tiny_problem, x64
 
 N = 3
 
@@ -22,6 +21,7 @@ def test_best_constant_step_is_the_pooled_formula_by_hand():
     np.testing.assert_allclose(float(step_size.best_constant_step(m)), 3.5 / 6.25, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_closed_form_minimises_the_first_order_loss_of_a_tiny_problem():
     with x64():
         _, apply_fn, start, target, x, y = tiny_problem(dtype=jnp.float64)
@@ -73,8 +73,9 @@ def test_calibrate_iterates_to_a_fixed_point_and_keeps_the_floor():
     assert alpha == 1e-5
 
 
+@pytest.mark.slow
 def test_calibrated_outer_loop_starts_at_the_closed_form_step():
-    cfg, apply_fn, bank, x, y = _setup(lr_init="closed_form", lr_init_samples=4)
+    cfg, apply_fn, bank, x, y = distill_problem(lr_init="closed_form", lr_init_samples=4)
     state = distill.init_state(cfg, x, y)
     new, hist = distill.calibrate_step_size(state, bank, apply_fn, lambda k, v: v, cfg)
     assert hist[0] == pytest.approx(cfg.lr_teacher) and float(new.syn_lr) == hist[-1]
