@@ -12,7 +12,11 @@ Other datasets read their official files from ``--data_dir`` (see ``satm_jax.dat
     python -m experiments.run --dataset=cifar10 --ipc=10 --method=satm --data_dir=~/data
 
 Any preset field can be overridden by a flag (``--lr_img=1000 --syn_steps=30 ...``); results go
-to ``<workdir>/results.json``, ``results.md`` and ``runs/*/``.
+to ``<workdir>/results.json``, ``results.md`` and ``runs/*/``. ``--eval_ood=all`` also tests
+every evaluated set on corrupted test data (``results_ood.md``, ``results_ood.png``, and an
+``"ood"`` object per row; see ``satm_jax.ood``)::
+
+    python -m experiments.run --dataset=fashion_mnist --ipc=1 --preset=cpu --eval_ood=all
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import ood_flags
 from satm_jax import configs as configs_lib
 
 FLAGS = flags.FLAGS
@@ -187,8 +192,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from satm_jax import corruptions, ood, pipeline
     from satm_jax import data as data_lib
-    from satm_jax import pipeline
     from satm_jax.checkpoint import CheckpointError
     from satm_jax.distill import DistillError
     from satm_jax.experts import ExpertError
@@ -204,11 +209,14 @@ def main(argv):
         cfgs = build_configs(
             FLAGS.dataset, ipcs, FLAGS.method, FLAGS.preset, overrides_from_flags(), FLAGS.data_dir
         )
+        ood_cfg = ood_flags.ood_from_flags(FLAGS.dataset, FLAGS.data_dir)
         pipeline.train_and_evaluate(
-            cfgs, FLAGS.workdir, baselines=FLAGS.baselines, progress=FLAGS.progress
+            cfgs, FLAGS.workdir, baselines=FLAGS.baselines, progress=FLAGS.progress, ood=ood_cfg
         )
     except (
         configs_lib.ConfigError,
+        ood.OodError,
+        corruptions.CorruptionDataError,
         data_lib.DatasetError,
         ExpertError,
         CheckpointError,

@@ -37,6 +37,7 @@ from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib
 from satm_jax import models as models_lib
+from satm_jax import ood as ood_lib
 from satm_jax import outputs as outputs_lib
 from satm_jax.configs import ConfigError, RunConfig
 
@@ -57,6 +58,7 @@ class PreparedData:
     train_y: jax.Array
     test_x: jax.Array
     test_y: jax.Array
+    ood_cache: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -246,8 +248,32 @@ def eval_model(cfg: RunConfig, name: str, num_classes: int):
     return models_lib.build_model(models_lib.ModelConfig(name=name), num_classes)
 
 
-def _row(method: str, ipc: int, result: evaluate_lib.EvalResult, **extra: Any) -> dict[str, Any]:
-    return {
+def ood_test_sets(
+    data: PreparedData, ood: ood_lib.OodConfig | None
+) -> dict[tuple[str, int], tuple[Any, Any]] | None:
+    """The corrupted test sets of ``ood``, preprocessed for ``data`` (made once per request)."""
+    if ood is None:
+        return None
+    k = json.dumps(ood.identity(), sort_keys=True)
+    if k not in data.ood_cache:
+        data.ood_cache[k] = ood_lib.prepared_test_sets(
+            ood,
+            data.dataset.test_images,
+            data.dataset.test_labels,
+            data.dataset.name,
+            data.preprocessor.forward,
+        )
+    return data.ood_cache[k]
+
+
+def _row(
+    method: str,
+    ipc: int,
+    result: evaluate_lib.EvalResult,
+    ood: ood_lib.OodConfig | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    row = {
         "method": method,
         "ipc": int(ipc),
         "acc_mean": round(result.mean, 4),
@@ -256,12 +282,21 @@ def _row(method: str, ipc: int, result: evaluate_lib.EvalResult, **extra: Any) -
         "accs": [round(100.0 * float(a), 4) for a in result.accs],
         **extra,
     }
+    if ood is not None and result.extra:
+        row["ood"] = ood_lib.summarise(result.extra, ood)
+    return row
 
 
 def random_baseline(
-    cfg: RunConfig, data: PreparedData, *, progress: bool = True, model_name: str = "convnet"
+    cfg: RunConfig,
+    data: PreparedData,
+    *,
+    progress: bool = True,
+    model_name: str = "convnet",
+    ood: ood_lib.OodConfig | None = None,
 ) -> evaluate_lib.EvalResult:
-    """Random real images, ``ipc`` per class, a different draw for every evaluation network."""
+    """Random real images, ``ipc`` per class, a different draw for every evaluation network
+    (also tested on ``ood``'s corrupted sets if given)."""
     n = cfg.eval.num_models
     idx = np.stack(
         [
@@ -288,13 +323,19 @@ def random_baseline(
         per_model_sets=True,
         progress=progress,
         desc=f"eval random ipc{cfg.ipc}",
+        extra_tests=ood_test_sets(data, ood),
     )
 
 
 def full_baseline(
-    cfg: RunConfig, data: PreparedData, *, progress: bool = True
+    cfg: RunConfig,
+    data: PreparedData,
+    *,
+    progress: bool = True,
+    ood: ood_lib.OodConfig | None = None,
 ) -> evaluate_lib.EvalResult:
-    """The whole training set, with the evaluation protocol for ``cfg.full_epochs`` epochs."""
+    """The whole training set, with the evaluation protocol for ``cfg.full_epochs`` epochs
+    (also tested on ``ood``'s corrupted sets if given)."""
     ecfg = dataclasses.replace(cfg.eval, epochs=cfg.full_epochs, epochs_per_call=1)
     return evaluate_lib.evaluate_set(
         eval_model(cfg, "convnet", data.num_classes),
@@ -307,6 +348,7 @@ def full_baseline(
         key=jax.random.PRNGKey(cfg.eval.seed + 23),
         progress=progress,
         desc="eval full",
+        extra_tests=ood_test_sets(data, ood),
     )
 
 
@@ -383,8 +425,15 @@ def distill_and_evaluate(
     *,
     progress: bool = True,
     log: Log = _print,
+    ood: ood_lib.OodConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Condenses with ``cfg``, evaluates the result, writes the run's outputs; returns rows."""
+    """Condenses with ``cfg``, evaluates the result, writes the run's outputs; returns rows.
+
+    With ``ood`` the final set's evaluation networks are also tested on corrupted test sets
+    (rows get an ``"ood"`` object). A finished run is reused only if it was evaluated with the
+    same ``ood`` request; otherwise its final checkpoint is evaluated again (no distillation).
+    """
+    ood_id = ood.identity() if ood is not None else None
     rundir = os.path.join(workdir, "runs", cfg.name)
     os.makedirs(rundir, exist_ok=True)
     cfg_dict = outputs_lib.to_jsonable(cfg.to_dict())
@@ -393,6 +442,7 @@ def distill_and_evaluate(
         cached is not None
         and cached.get("complete")
         and _unlabelled(cached.get("config", {})) == _unlabelled(cfg_dict)
+        and cached.get("ood") == ood_id
     ):
         log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
         label = {"variant": cfg.variant} if cfg.variant else {}
@@ -436,6 +486,7 @@ def distill_and_evaluate(
     def eval_fn(st):
         it = int(st.iteration)
         x, y = final_set(cfg, st)
+        final = ood is not None and it == cfg.distill.iterations
         res = evaluate_lib.evaluate_set(
             eval_model(cfg, "convnet", data.num_classes),
             x,
@@ -447,8 +498,11 @@ def distill_and_evaluate(
             key=jax.random.PRNGKey(cfg.eval.seed + it),
             progress=progress,
             desc=f"eval {cfg.name} it{it}",
+            extra_tests=ood_test_sets(data, ood) if final else None,
         )
         evals[str(it)] = {"acc_mean": res.mean, "acc_std": res.std, "accs": res.accs.tolist()}
+        if final:
+            evals[str(it)].update(ood=ood_id, ood_accs=ood_lib.accs_to_json(res.extra))
         outputs_lib.write_json(os.path.join(rundir, "evals.json"), evals)
         metrics_log.scalar(it, "eval/acc_mean", res.mean)
         outputs_lib.save_synthetic_grid(rundir, cfg, data, x, y, it)
@@ -492,9 +546,15 @@ def distill_and_evaluate(
     rows = []
     final_it = str(int(state.iteration))
     for name in cfg.eval_models:
-        if name == "convnet" and final_it in evals:
-            res = evaluate_lib.EvalResult(np.asarray(evals[final_it]["accs"]))
+        ev = evals.get(final_it)
+        if name == "convnet" and ev is not None and (ood is None or ev.get("ood") == ood_id):
+            res = evaluate_lib.EvalResult(
+                np.asarray(ev["accs"]), ood_lib.accs_from_json(ev.get("ood_accs", {}))
+            )
         else:
+            # An earlier evaluation at this iteration (made without ``ood``) is repeated with
+            # its own key, so that the clean accuracies stay those it reported.
+            again = name == "convnet" and ev is not None
             res = evaluate_lib.evaluate_set(
                 eval_model(cfg, name, data.num_classes),
                 images,
@@ -503,14 +563,17 @@ def distill_and_evaluate(
                 data.test_x,
                 data.test_y,
                 cfg.eval,
+                key=jax.random.PRNGKey(cfg.eval.seed + int(final_it)) if again else None,
                 progress=progress,
                 desc=f"eval {cfg.name} {name}",
+                extra_tests=ood_test_sets(data, ood),
             )
         rows.append(
             _row(
                 cfg.method,
                 cfg.ipc,
                 res,
+                ood,
                 model=name,
                 syn_lr=float(state.syn_lr),
                 distill_s=round(distill_s, 1),
@@ -522,7 +585,8 @@ def distill_and_evaluate(
         )
         log(f"{cfg.name} [{name}]: {res.summary()} %")
     outputs_lib.write_json(
-        os.path.join(rundir, "result.json"), {"config": cfg_dict, "rows": rows, "complete": True}
+        os.path.join(rundir, "result.json"),
+        {"config": cfg_dict, "rows": rows, "ood": ood_id, "complete": True},
     )
     return rows
 
@@ -552,8 +616,14 @@ def evaluate_distilled(
     data_dir: str | None = None,
     progress: bool = True,
     log: Log = _print,
+    eval_ood: str | None = None,
+    ood_source: str = "auto",
+    ood_samples: int = ood_lib.DEFAULT_SAMPLES,
 ) -> list[dict[str, Any]]:
     """Evaluates a saved ``distilled.npz`` again, with the protocol of the run that made it.
+
+    ``eval_ood`` (``"all"`` or corruption names, see ``satm_jax.ood.parse_eval_ood``) also
+    tests the same networks on corrupted test sets; each row then has an ``"ood"`` object.
 
     With the defaults (the set's own learned step size, the run's evaluation networks, number
     of networks and epochs) the accuracies are those the run reported: the same keys are used.
@@ -583,6 +653,13 @@ def evaluate_distilled(
         width=width or cfg.eval.width,
     )
     cfg = dataclasses.replace(cfg, eval=ecfg)
+    ood = ood_lib.parse_eval_ood(
+        eval_ood,
+        dataset=cfg.dataset,
+        data_dir=data_dir or cfg.data_dir,
+        source=ood_source,
+        samples=ood_samples,
+    )
     dataset = data_lib.load_dataset(cfg.dataset, data_dir=data_dir or cfg.data_dir)
     images = jnp.asarray(d["images"])
     if tuple(images.shape[1:]) != tuple(dataset.image_shape):
@@ -613,12 +690,14 @@ def evaluate_distilled(
             key=key,
             progress=progress,
             desc=f"eval {cfg.name} {name}",
+            extra_tests=ood_test_sets(data, ood),
         )
         rows.append(
             _row(
                 cfg.method,
                 cfg.ipc,
                 res,
+                ood,
                 model=name,
                 lr=step,
                 path=path,
@@ -637,13 +716,14 @@ def evaluate_distilled(
 # --------------------------------------------------------------------------------------------
 
 
-def _baseline_key(cfg: RunConfig, **extra: Any) -> dict[str, Any]:
+def _baseline_key(cfg: RunConfig, ood: ood_lib.OodConfig | None, **extra: Any) -> dict[str, Any]:
     """What a cached baseline result must match to be reused."""
     return {
         "dataset": cfg.dataset,
         "eval": outputs_lib.to_jsonable(dataclasses.asdict(cfg.eval)),
         "model": outputs_lib.to_jsonable(dataclasses.asdict(cfg.model)),
         "preprocessing": cfg.preprocessing.identity(),
+        **({"ood": ood.identity()} if ood is not None else {}),
         **extra,
     }
 
@@ -658,9 +738,14 @@ def _cached_baseline(
     cached = outputs_lib.read_json(path)
     if cached is not None and cached.get("key") == key:
         log(f"{what}: reused from {path}")
-        return evaluate_lib.EvalResult(np.asarray(cached["accs"]))
+        return evaluate_lib.EvalResult(
+            np.asarray(cached["accs"]), ood_lib.accs_from_json(cached.get("ood_accs", {}))
+        )
     res = compute()
-    outputs_lib.write_json(path, {"key": key, "accs": res.accs.tolist()})
+    out = {"key": key, "accs": res.accs.tolist()}
+    if res.extra:
+        out["ood_accs"] = ood_lib.accs_to_json(res.extra)
+    outputs_lib.write_json(path, out)
     return res
 
 
@@ -673,6 +758,7 @@ def train_and_evaluate(
     progress: bool = True,
     log: Log = _print,
     results_name: str = "results",
+    ood: ood_lib.OodConfig | None = None,
 ) -> dict[str, Any]:
     """Runs every config (same dataset), the baselines, and writes ``results.json``.
 
@@ -686,6 +772,8 @@ def train_and_evaluate(
       results_name: stem of the results files (``<stem>.json``, ``<stem>.md``) in ``workdir``;
         other entry points (``experiments.ablate``) use their own so that they never overwrite
         the results of ``experiments.run`` in a shared workdir.
+      ood: also test every evaluated set (random, condensed, full) on these corrupted test
+        sets: rows get an ``"ood"`` object, ``<stem>_ood.md`` and ``<stem>_ood.png`` are written.
 
     Returns:
       The ``results.json`` content.
@@ -725,12 +813,15 @@ def train_and_evaluate(
         "runs": {c.name: outputs_lib.to_jsonable(c.to_dict()) for c in configs},
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        **({"ood": ood.identity()} if ood is not None else {}),
     }
 
     def write_results() -> dict[str, Any]:
         out = {"results": rows, "config": config_dict, "wall_s": round(time.time() - t_start, 2)}
         outputs_lib.write_json(results_path, out)
         outputs_lib.write_results_table(os.path.join(workdir, f"{results_name}.md"), out)
+        if ood is not None:
+            ood_lib.write_report(workdir, rows, stem=f"{results_name}_ood")
         return out
 
     done_random: set[int] = set()
@@ -739,32 +830,36 @@ def train_and_evaluate(
         data = data_for(cfg)
         if baselines and cfg.ipc not in done_random:
             done_random.add(cfg.ipc)
-            key = _baseline_key(cfg, ipc=cfg.ipc, lr=cfg.distill.lr_teacher, seed=cfg.distill.seed)
+            key = _baseline_key(
+                cfg, ood, ipc=cfg.ipc, lr=cfg.distill.lr_teacher, seed=cfg.distill.seed
+            )
             res = _cached_baseline(
                 os.path.join(workdir, "baselines", f"random_ipc{cfg.ipc}.json"),
                 key,
-                lambda: random_baseline(cfg, data, progress=progress),
+                lambda: random_baseline(cfg, data, progress=progress, ood=ood),
                 log,
                 f"random ipc{cfg.ipc}",
             )
-            rows.append(_row("random", cfg.ipc, res, model="convnet", reduced=cfg.reduced))
+            rows.append(_row("random", cfg.ipc, res, ood, model="convnet", reduced=cfg.reduced))
             log(f"random real images, ipc {cfg.ipc}: {res.summary()} %")
             write_results()
         edir = expert_dir(workdir, cfg, data)
         if edir not in stores:  # runs with the same expert configuration share the store
             stores[edir] = ensure_experts(cfg, data, workdir, progress=progress, log=log)
         store = stores[edir]
-        rows.extend(distill_and_evaluate(cfg, data, store, workdir, progress=progress, log=log))
+        rows.extend(
+            distill_and_evaluate(cfg, data, store, workdir, progress=progress, log=log, ood=ood)
+        )
         write_results()
 
     if baselines:
         cfg = configs[0]
         data = data_for(cfg)
-        key = _baseline_key(cfg, epochs=cfg.full_epochs, lr=cfg.experts.lr)
+        key = _baseline_key(cfg, ood, epochs=cfg.full_epochs, lr=cfg.experts.lr)
         res = _cached_baseline(
             os.path.join(workdir, "baselines", "full.json"),
             key,
-            lambda: full_baseline(cfg, data, progress=progress),
+            lambda: full_baseline(cfg, data, progress=progress, ood=ood),
             log,
             "full training set",
         )
@@ -774,6 +869,7 @@ def train_and_evaluate(
                 "full",
                 per_class,
                 res,
+                ood,
                 model="convnet",
                 epochs=cfg.full_epochs,
                 n_train=int(len(dataset.train_labels)),

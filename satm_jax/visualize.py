@@ -138,3 +138,35 @@ def plot_history(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_ood_heatmap(path: str, labels: Sequence[str], summaries: Sequence[dict]) -> str:
+    """One heat map per evaluated set: test accuracy (%) per corruption (rows) and severity
+    (columns), on one shared colour scale, with the values written in the cells.
+
+    Args:
+      path: PNG to write.
+      labels: a title per set (e.g. ``"satm ipc1"``).
+      summaries: the ``"ood"`` objects of ``satm_jax.ood.summarise``, same corruptions.
+    """
+    names = list(summaries[0]["acc"])
+    sev = [str(s) for s in summaries[0]["severities"]]
+    grids = [np.array([[s["acc"][n][k] for k in sev] for n in names]) for s in summaries]
+    lo = min(float(g.min()) for g in grids)
+    hi = max(float(g.max()) for g in grids)
+    cols = len(grids)
+    fig = _figure((1.2 + 0.55 * len(sev) * cols + 0.8 * cols, 0.8 + 0.3 * len(names)))
+    axes = [fig.add_subplot(1, cols, i + 1) for i in range(cols)]
+    for i, (ax, g, title) in enumerate(zip(axes, grids, labels)):
+        im = ax.imshow(g, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(sev)), sev, fontsize=7)
+        ax.set_yticks(range(len(names)), names if i == 0 else [""] * len(names), fontsize=7)
+        ax.set_xlabel("severity", fontsize=7)
+        ax.set_title(f"{title}\nmean {summaries[i]['mean_corruption_acc']:.1f}%", fontsize=8)
+        for r in range(g.shape[0]):
+            for c in range(g.shape[1]):
+                ax.text(c, r, f"{g[r, c]:.0f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="test accuracy (%)")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
