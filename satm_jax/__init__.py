@@ -12,7 +12,11 @@ The modules, one idea each:
 * ``sharpness``: SAM, ASAM, GSAM and smoothed SAM as Optax transforms;
 * ``distill``: the jit-compiled outer step and loop;
 * ``evaluate``: training fresh networks on a synthetic set;
-* ``configs``/``pipeline``: presets and the end-to-end experiment.
+* ``configs``/``pipeline``: presets and the end-to-end experiment;
+* ``corruptions``: keyed image corruptions (MNIST-C / CIFAR-10-C families) and the loaders of
+  the official corrupted sets; ``ood``: out-of-domain evaluation on them;
+* ``herding``: herding selection in a network's penultimate features;
+* ``continual``: the class-incremental protocol (DM's) with condensed memories.
 """
 
 from satm_jax import augment, data, distill, evaluate, experts, matching, models, sharpness, zca

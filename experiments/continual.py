@@ -1,0 +1,159 @@
+r"""Class-incremental continual learning with a condensed memory (DM's protocol).
+
+The classes are shuffled by each class-order seed, cut into ``--stages`` stages, and at every
+stage a memory method (``random``, ``herding``, ``mtt``, ``satm``) adds ``--ipc`` images per
+class of the stage, made from that stage's training images only; a fresh ConvNet is trained
+from scratch on the memory and tested on every class seen so far (``satm_jax.continual`` has
+the protocol and our choices). Results: ``<workdir>/continual.json``, ``continual.md``,
+``continual.png``; per stage, ``<workdir>/order_<s>/stage_<k>_<hash>/``. A rerun with the same
+flags reuses every finished stage (a killed run resumes where it stopped).
+
+Smoke run on scikit-learn's digits (embedded, no download): all 4 methods, 5 stages, 1 class
+order, with the smoke budget (``satm_jax.continual.SMOKE_BUDGET``: 2 experts x 4 epochs per
+stage, 20 outer iterations of N = 10 with the calibrated outer loop, 2 evaluation networks x
+100 epochs, herding features after 4 epochs)::
+
+    python -m experiments.continual --dataset=digits --preset=default --budget=smoke \
+      --stages=5 --ipc=1 --class_orders=0 --workdir=/tmp/continual_digits
+
+Measured on 2026-12-02 on the 2-core development machine while other jobs shared it (load
+average 7-9): 12 min 48 s wall, 496 s of CPU, most of it XLA compilation (each stage's
+memory has its own shape); with ``--stages=2`` 6 min 1 s (load average 3-6).
+
+Fashion-MNIST, 5 stages of 2 classes, IPC 10, 3 class orders, the 4 methods, with the reduced
+budget ``--budget=continual`` (``satm_jax.continual.CONTINUAL_BUDGET`` on top of the ``cpu``
+preset: 2 experts x 5 epochs per stage, 80 outer iterations of N = 10 inner steps, 2
+evaluation networks of width 32 for 250 epochs, herding features after 2 epochs)::
+
+    python -m experiments.continual --dataset=fashion_mnist --preset=cpu --budget=continual \
+      --stages=5 --ipc=10 --class_orders=0,1,2 --workdir=/tmp/continual_fmnist
+
+That run was not made. Its cost on 2 otherwise idle CPU cores is an *estimate*, 2 to 2.2
+hours, from pieces timed on one Fashion-MNIST stage (12,000 images) while the two cores were
+shared with other jobs (load average 4-8; the times below are the measured ones scaled down
+by the load, and agree with docs/RESULTS.md's 41 s per expert-epoch on all 60,000 images):
+
+* experts: 15 stages x 2 experts x 5 epochs x ~10 s = ~1,500 s;
+* herding feature networks: 15 x (2 epochs x ~8 s + ~5 s of features) = ~300 s;
+* condensation: 30 runs (mtt, satm) x 80 iterations x ~1.2 s = ~2,900 s, compiled once per
+  method (the stages have equal shapes and the compilation cache keeps the programs);
+* evaluation: 60 trainings (4 methods x 15 stages) x (250 epochs x 0.14-0.18 s for 20-100
+  images + ~8 s to test up to 10,000 images) = 2,600-3,200 s.
+
+Any flag of ``experiments.run`` (``--iterations``, ``--eval_epochs``, ``--rho``...) overrides
+the preset (and the budget) for every method.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from experiments import run as run_lib
+from satm_jax import configs as configs_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_integer("stages", 5, "Number of stages (must divide the number of classes).")
+flags.DEFINE_list("class_orders", ["0", "1", "2", "3", "4"], "Seeds of the class orders.")
+flags.DEFINE_integer(
+    "herding_epochs", None, "Epochs of herding's feature network (default: the experts' epochs)."
+)
+flags.DEFINE_float("eval_lr", 0.01, "Learning rate of the evaluation networks (DM: 0.01).")
+flags.DEFINE_integer("selection_seed", 0, "Seed of random memories and herding networks.")
+flags.DEFINE_enum(
+    "budget",
+    "preset",
+    ["preset", "continual", "smoke"],
+    "preset: the preset as it is; continual / smoke: satm_jax.continual.CONTINUAL_BUDGET / "
+    "SMOKE_BUDGET on top of it (explicit flags still win).",
+)
+flags.DEFINE_bool(
+    "compilation_cache",
+    True,
+    "Keep compiled XLA programs in <workdir>/jax_cache (stages of equal shapes compile once).",
+)
+
+DEFAULT_IPC = 10
+
+
+def parse_ipc(values: list[str] | None) -> int:
+    """The single ``--ipc`` value (default ``DEFAULT_IPC``)."""
+    if values is None:
+        return DEFAULT_IPC
+    ipcs = run_lib.parse_ipcs(values, "")
+    if len(ipcs) != 1:
+        raise configs_lib.ConfigError(f"the continual protocol takes one --ipc, got {ipcs}")
+    return ipcs[0]
+
+
+def parse_orders(values: list[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise configs_lib.ConfigError(f"--class_orders takes integers, got {values}") from None
+
+
+def build_config():
+    """The ``ContinualConfig`` the flags describe (``--method`` defaults to all four)."""
+    from satm_jax import continual
+
+    methods = FLAGS.method if FLAGS["method"].present else list(continual.METHODS)
+    overrides = run_lib.overrides_from_flags()
+    herding_epochs = FLAGS.herding_epochs
+    if FLAGS.budget != "preset":
+        overrides, budget_herding = continual.budget_overrides(FLAGS.budget, overrides)
+        herding_epochs = budget_herding if herding_epochs is None else herding_epochs
+    return continual.ContinualConfig(
+        dataset=FLAGS.dataset,
+        ipc=parse_ipc(FLAGS.ipc),
+        stages=FLAGS.stages,
+        methods=tuple(methods),
+        class_orders=parse_orders(FLAGS.class_orders),
+        preset=FLAGS.preset,
+        overrides=overrides,
+        lr=FLAGS.eval_lr,
+        herding_epochs=herding_epochs,
+        seed=FLAGS.selection_seed,
+        data_dir=FLAGS.data_dir,
+    ).validate()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    from satm_jax import continual
+    from satm_jax import data as data_lib
+    from satm_jax.checkpoint import CheckpointError
+    from satm_jax.distill import DistillError
+    from satm_jax.experts import ExpertError
+
+    try:
+        data_lib.check_dataset_name(FLAGS.dataset)
+        ccfg = build_config()
+        if FLAGS.compilation_cache:
+            jax.config.update(
+                "jax_compilation_cache_dir",
+                os.path.abspath(os.path.join(FLAGS.workdir, "jax_cache")),
+            )
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        continual.run_continual(ccfg, FLAGS.workdir, progress=FLAGS.progress)
+    except (
+        configs_lib.ConfigError,
+        data_lib.DatasetError,
+        ExpertError,
+        CheckpointError,
+        DistillError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
