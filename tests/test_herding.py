@@ -7,14 +7,7 @@ import pytest
 
 from satm_jax import herding, models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Tiny networks: XLA's optimisation passes cost more than they save here."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # Four points in 2-D, worked by hand.  Class mean mu = ((0+4+0+3)/4, (0+0+2+4)/4) = (1.75, 1.5).
