@@ -25,8 +25,9 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import ood_flags
+from experiments import flatness_flags, ood_flags
 from satm_jax import configs as configs_lib
+from satm_jax import sharpness as sharpness_lib
 
 FLAGS = flags.FLAGS
 
@@ -103,7 +104,9 @@ _STR = {
     "lr_space": ["linear", "log"],
     "lr_init": ["teacher", "closed_form"],
     "hypergrad": ["exact", "truncated"],
-    "sharpness": ["none", "sam", "asam", "gsam", "smooth_sam"],
+    "sharpness": list(sharpness_lib.SHARPNESS),
+    "rho_ball": list(sharpness_lib.BALLS),
+    "rho_scale": list(sharpness_lib.RADII),
     "expert_sharpness": ["none", "sam", "asam", "gsam"],
 }
 
@@ -210,8 +213,14 @@ def main(argv):
             FLAGS.dataset, ipcs, FLAGS.method, FLAGS.preset, overrides_from_flags(), FLAGS.data_dir
         )
         ood_cfg = ood_flags.ood_from_flags(FLAGS.dataset, FLAGS.data_dir)
+        flat_cfg = flatness_flags.flatness_from_flags()
         pipeline.train_and_evaluate(
-            cfgs, FLAGS.workdir, baselines=FLAGS.baselines, progress=FLAGS.progress, ood=ood_cfg
+            cfgs,
+            FLAGS.workdir,
+            baselines=FLAGS.baselines,
+            progress=FLAGS.progress,
+            ood=ood_cfg,
+            flatness=flat_cfg,
         )
     except (
         configs_lib.ConfigError,

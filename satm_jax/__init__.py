@@ -9,7 +9,10 @@ The modules, one idea each:
 * ``experts``: expert trajectories: training, orbax storage, sampling;
 * ``matching``: the student unroll (``lax.scan``), the matching loss, exact and truncated
   hypergradients;
-* ``sharpness``: SAM, ASAM, GSAM and smoothed SAM as Optax transforms;
+* ``sharpness``: SAM, ASAM, GSAM and smoothed SAM as Optax transforms (global or per-example
+  balls, absolute or relative radii);
+* ``flatness``: the flatness of a finished set (worst-case increase, top Hessian eigenvalue,
+  held-out generalisation gap);
 * ``distill``: the jit-compiled outer step and loop;
 * ``evaluate``: training fresh networks on a synthetic set;
 * ``configs``/``pipeline``: presets and the end-to-end experiment;
@@ -19,7 +22,18 @@ The modules, one idea each:
 * ``continual``: the class-incremental protocol (DM's) with condensed memories.
 """
 
-from satm_jax import augment, data, distill, evaluate, experts, matching, models, sharpness, zca
+from satm_jax import (
+    augment,
+    data,
+    distill,
+    evaluate,
+    experts,
+    flatness,
+    matching,
+    models,
+    sharpness,
+    zca,
+)
 from satm_jax.augment import make_augment
 from satm_jax.data import load_dataset
 from satm_jax.distill import DistillConfig, DistillState, init_state, make_outer_step
@@ -48,6 +62,7 @@ __all__ = [
     "evaluate",
     "experts",
     "first_order_lr_grad",
+    "flatness",
     "gsam",
     "init_state",
     "load_dataset",

@@ -370,6 +370,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "truncate": ("distill", "truncate"),
     "sharpness": ("distill", "sharpness"),
     "rho": ("distill", "rho"),
+    "rho_ball": ("distill", "rho_ball"),
+    "rho_scale": ("distill", "rho_scale"),
     "sigma": ("distill", "sigma"),
     "gsam_alpha": ("distill", "gsam_alpha"),
     "asam_eta": ("distill", "asam_eta"),
@@ -393,7 +395,15 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "eval_models": ("run", "eval_models"),
 }
 # Settings that only matter with a sharpness-aware outer update.
-_SHARPNESS_ONLY = ("rho", "reuse_trajectory", "sigma", "gsam_alpha", "asam_eta")
+_SHARPNESS_ONLY = (
+    "rho",
+    "rho_ball",
+    "rho_scale",
+    "reuse_trajectory",
+    "sigma",
+    "gsam_alpha",
+    "asam_eta",
+)
 # DSA applies everywhere it is used.
 _DSA_SECTIONS = ("experts", "distill", "eval")
 

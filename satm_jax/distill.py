@@ -95,6 +95,11 @@ class DistillConfig:
       truncate: ``K`` for the truncated hypergradient.
       sharpness: ``"none"`` (MTT) or a ``satm_jax.sharpness.SHARPNESS`` name.
       rho: sharpness radius.
+      rho_ball: ``"global"`` (SAM: one ball around the whole set) or ``"per_example"`` (ours:
+        one ball per image); ``satm_jax.sharpness.BALLS``.
+      rho_scale: ``"absolute"`` (SAM: ``rho`` is an L2 length) or ``"relative"`` (ours: ``rho``
+        is a fraction of the set's norm, or of each image's with ``per_example``);
+        ``satm_jax.sharpness.RADII``.
       sigma: Gaussian smoothing scale (``smooth_sam``).
       asam_eta: ASAM's ``eta``.
       gsam_alpha: GSAM's coefficient.
@@ -138,6 +143,8 @@ class DistillConfig:
     truncate: int | None = None
     sharpness: str = "none"
     rho: float = 0.05
+    rho_ball: str = "global"
+    rho_scale: str = "absolute"
     sigma: float = 0.01
     asam_eta: float = 0.01
     gsam_alpha: float = 0.1
@@ -191,6 +198,20 @@ class DistillConfig:
         if self.sharpness not in sharpness_lib.SHARPNESS:
             raise ValueError(
                 f"sharpness must be one of {sharpness_lib.SHARPNESS}, got {self.sharpness!r}"
+            )
+        for name, choices in (
+            ("rho_ball", sharpness_lib.BALLS),
+            ("rho_scale", sharpness_lib.RADII),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.sharpness in ("none", "asam") and (self.rho_ball, self.rho_scale) != (
+            "global",
+            "absolute",
+        ):
+            raise ValueError(
+                f"rho_ball/rho_scale apply to sam, gsam and smooth_sam, not sharpness="
+                f"{self.sharpness!r}"
             )
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None, got {self.batch_syn}")
@@ -259,6 +280,8 @@ def make_image_transform(cfg: DistillConfig) -> optax.GradientTransformationExtr
         gsam_alpha=cfg.gsam_alpha,
         sigma=cfg.sigma,
         seed=cfg.seed + 1,
+        ball=cfg.rho_ball,
+        radius=cfg.rho_scale,
     )
 
 
@@ -426,9 +449,14 @@ def make_outer_step(
 ) -> Callable[[DistillState, experts_lib.ExpertBank], tuple[DistillState, dict[str, Array]]]:
     """Builds ``outer_step(state, bank) -> (state, metrics)`` (pure; jit it).
 
-    Metrics: ``loss`` (matching loss at the unperturbed images), ``syn_lr``, ``grad_norm``,
+    Metrics: ``loss`` (matching loss at the unperturbed images), ``syn_lr``, ``grad_norm``
+    (``||h||``), ``img_norm`` (``||X||``), ``update_norm`` (``||X_new - X||``),
     ``img_update_rel`` (``||X_new - X|| / ||X||``), ``start_epoch``, ``expert``, ``finite`` (1
-    if the iteration was applied).
+    if the iteration was applied). With a sharpness-aware transform also ``eps_norm``
+    (``||eps||``, the ascent step), ``perturbed_loss`` (``L(X + eps)`` along the second pass)
+    and ``sharpness`` (``L(X + eps) - L(X)``: with trajectory reusing both passes share the
+    prefix, so this is the sharpness at one trajectory, free of cost; without it the second
+    pass re-runs the prefix at ``X + eps``).
 
     ``mesh``: a ``jax.sharding.Mesh`` (``satm_jax.parallel.make_mesh``) to split every inner
     step's synthetic minibatch across devices (data parallel; the parameter gradient's batch
@@ -465,7 +493,14 @@ def make_outer_step(
             g_lr = jnp.zeros_like(state.syn_lr)
 
         # The images' update; a sharpness-aware transform calls grad_fn at perturbed images.
-        grad_fn = lambda images, i: jax.grad(perturbed_loss)(images)  # noqa: E731
+        # The last call's point and value are kept (same trace) for the metrics.
+        probe: dict[str, Array] = {}
+
+        def grad_fn(images, i):
+            value, g = jax.value_and_grad(perturbed_loss)(images)
+            probe.update(images=images, loss=value)
+            return g
+
         img_updates, img_opt_state = img_tx.update(
             g_img, state.img_opt_state, state.images, grad_fn=grad_fn
         )
@@ -502,16 +537,23 @@ def make_outer_step(
             num_nonfinite=state.num_nonfinite + nf,
             consecutive_nonfinite=(state.consecutive_nonfinite + nf) * nf,
         )
+        img_norm = jnp.sqrt(jnp.sum(jnp.square(state.images)))
+        update_norm = jnp.sqrt(jnp.sum(jnp.square(new_state.images - state.images)))
         metrics = {
             "loss": loss,
             "syn_lr": new_state.syn_lr,
             "grad_norm": jnp.sqrt(jnp.sum(jnp.square(g_img))),
-            "img_update_rel": jnp.sqrt(jnp.sum(jnp.square(new_state.images - state.images)))
-            / jnp.sqrt(jnp.sum(jnp.square(state.images))),
+            "img_norm": img_norm,
+            "update_norm": update_norm,
+            "img_update_rel": update_norm / img_norm,
             "start_epoch": sample.start_epoch,
             "expert": sample.expert,
             "finite": finite.astype(jnp.int32),
         }
+        if probe:
+            metrics["eps_norm"] = jnp.sqrt(jnp.sum(jnp.square(probe["images"] - state.images)))
+            metrics["perturbed_loss"] = probe["loss"]
+            metrics["sharpness"] = probe["loss"] - loss
         return new_state, metrics
 
     return outer_step

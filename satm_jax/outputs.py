@@ -170,12 +170,23 @@ def save_synthetic_grid(
     return path
 
 
+# metrics.jsonl key -> its label in curves.png's norm panel
+_NORMS = (
+    ("grad_norm", "||h||"),
+    ("eps_norm", "||eps||"),
+    ("img_norm", "||X||"),
+    ("update_norm", "||dX||"),
+)
+
+
 def plot_run(rundir: str, cfg: Any) -> str | None:
     """``curves.png``: matching loss (raw and smoothed) with evaluation accuracy, the step
-    size, and the relative image update per iteration."""
+    size, the relative image update per iteration and, for a sharpness-aware run, the
+    sharpness ``L(X + eps) - L(X)`` and the norms of ``h``, ``eps``, ``X`` and the update."""
     recs = [r for r in read_metrics(rundir) if "loss" in r]
     if not recs:
         return None
+    nan = float("nan")
     evals = read_json(os.path.join(rundir, "evals.json")) or {}
     e_its = sorted(int(k) for k in evals)
     return visualize.plot_history(
@@ -185,8 +196,10 @@ def plot_run(rundir: str, cfg: Any) -> str | None:
         e_its,
         [evals[str(k)]["acc_mean"] for k in e_its],
         title=cfg.name,
-        syn_lrs=[r.get("syn_lr", float("nan")) for r in recs],
-        image_updates=[r.get("img_update_rel", float("nan")) for r in recs],
+        syn_lrs=[r.get("syn_lr", nan) for r in recs],
+        image_updates=[r.get("img_update_rel", nan) for r in recs],
+        sharpness=[r.get("sharpness", nan) for r in recs] if "sharpness" in recs[-1] else None,
+        norms={label: [r.get(key, nan) for r in recs] for key, label in _NORMS if key in recs[-1]},
     )
 
 

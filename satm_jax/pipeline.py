@@ -36,6 +36,7 @@ from satm_jax import data as data_lib
 from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib
+from satm_jax import flatness as flatness_lib
 from satm_jax import models as models_lib
 from satm_jax import ood as ood_lib
 from satm_jax import outputs as outputs_lib
@@ -426,14 +427,19 @@ def distill_and_evaluate(
     progress: bool = True,
     log: Log = _print,
     ood: ood_lib.OodConfig | None = None,
+    flatness: flatness_lib.FlatnessConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Condenses with ``cfg``, evaluates the result, writes the run's outputs; returns rows.
 
     With ``ood`` the final set's evaluation networks are also tested on corrupted test sets
-    (rows get an ``"ood"`` object). A finished run is reused only if it was evaluated with the
-    same ``ood`` request; otherwise its final checkpoint is evaluated again (no distillation).
+    (rows get an ``"ood"`` object). With ``flatness`` the final set's flatness is measured on
+    held-out experts (``flatness.json``, a ``"flatness"`` object per row; see
+    ``measure_flatness``). A finished run is reused only if it was evaluated with the same
+    ``ood`` and ``flatness`` requests; otherwise its final checkpoint is evaluated again (no
+    distillation).
     """
     ood_id = ood.identity() if ood is not None else None
+    flat_id = flatness.validate().identity() if flatness is not None else None
     rundir = os.path.join(workdir, "runs", cfg.name)
     os.makedirs(rundir, exist_ok=True)
     cfg_dict = outputs_lib.to_jsonable(cfg.to_dict())
@@ -443,6 +449,7 @@ def distill_and_evaluate(
         and cached.get("complete")
         and _unlabelled(cached.get("config", {})) == _unlabelled(cfg_dict)
         and cached.get("ood") == ood_id
+        and cached.get("flatness") == flat_id
     ):
         log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
         label = {"variant": cfg.variant} if cfg.variant else {}
@@ -542,6 +549,32 @@ def distill_and_evaluate(
         log(f"warning: {cfg.name}: {w}")
     outputs_lib.export_distilled(os.path.join(rundir, "distilled.npz"), cfg, data, state, images)
     outputs_lib.plot_run(rundir, cfg)
+    flat = None
+    if flatness is not None:
+        flat = outputs_lib.read_json(os.path.join(rundir, "flatness.json"))
+        if flat is None or flat.get("config") != flat_id:
+            held = ensure_experts(
+                heldout_config(cfg, flatness), data, workdir, progress=progress, log=log
+            )
+            flat = {
+                "config": flat_id,
+                **measure_flatness(
+                    cfg,
+                    flatness,
+                    images,
+                    state,
+                    apply_fn,
+                    augment_fn,
+                    bank,
+                    held.load_bank(cfg.distill.max_epoch_needed, like=like),
+                ),
+            }
+            outputs_lib.write_json(os.path.join(rundir, "flatness.json"), flat)
+        log(
+            f"{cfg.name} flatness: loss sampled {flat['loss_sampled']:.4f} held-out "
+            f"{flat['loss_heldout']:.4f}, worst-case increase {flat['worst_case_increase']:.4g}, "
+            f"top Hessian eigenvalue {flat['hessian_top_eig']:.4g}"
+        )
 
     rows = []
     final_it = str(int(state.iteration))
@@ -580,15 +613,67 @@ def distill_and_evaluate(
                 nonfinite=int(state.num_nonfinite),
                 reduced=cfg.reduced,
                 convergence=report,
+                **({"flatness": flat} if flat is not None else {}),
                 **({"variant": cfg.variant} if cfg.variant else {}),
             )
         )
         log(f"{cfg.name} [{name}]: {res.summary()} %")
     outputs_lib.write_json(
         os.path.join(rundir, "result.json"),
-        {"config": cfg_dict, "rows": rows, "ood": ood_id, "complete": True},
+        {"config": cfg_dict, "rows": rows, "ood": ood_id, "flatness": flat_id, "complete": True},
     )
     return rows
+
+
+# Held-out experts are trained with the run's expert seed plus this: never the sampled ones.
+HELDOUT_SEED_OFFSET = 1_000_003
+
+
+def heldout_config(cfg: RunConfig, flatness: flatness_lib.FlatnessConfig) -> RunConfig:
+    """``cfg`` with the expert settings of its held-out experts (another seed, so another
+    store: none of them was sampled during distillation)."""
+    experts = dataclasses.replace(
+        cfg.experts,
+        seed=cfg.experts.seed + HELDOUT_SEED_OFFSET,
+        num_experts=flatness.heldout_experts,
+        parallel=min(cfg.experts.parallel, flatness.heldout_experts),
+    )
+    return dataclasses.replace(cfg, experts=experts)
+
+
+def measure_flatness(
+    cfg: RunConfig,
+    flatness: flatness_lib.FlatnessConfig,
+    images: Any,
+    state: distill_lib.DistillState,
+    apply_fn: Any,
+    augment_fn: Any,
+    sampled_bank: experts_lib.ExpertBank,
+    heldout_bank: experts_lib.ExpertBank,
+) -> dict[str, float]:
+    """``satm_jax.flatness.measure`` of the final set: the matching loss at the learned step
+    size on ``flatness.samples`` trajectories drawn alike (same key, so the same minibatches
+    and augmentations) from the sampled and the held-out experts."""
+    d = cfg.distill
+    draw = dict(
+        syn_steps=d.syn_steps,
+        expert_epochs=d.expert_epochs,
+        min_start_epoch=d.min_start_epoch,
+        max_start_epoch=d.max_start_epoch_final or d.max_start_epoch,
+        batch_syn=d.batch_syn,
+    )
+    key = jax.random.PRNGKey(flatness.seed)
+    targets = distill_lib.label_targets(state.labels, d.soft_labels)
+
+    def loss_on(bank):
+        traj = flatness_lib.draw_trajectories(
+            bank, key, flatness.samples, int(images.shape[0]), **draw
+        )
+        return flatness_lib.fixed_matching_loss(
+            apply_fn, targets, state.syn_lr, traj, augment_fn=augment_fn, remat=d.remat
+        )
+
+    return flatness_lib.measure(flatness, images, loss_on(sampled_bank), loss_on(heldout_bank))
 
 
 def run_convergence(rundir: str, initial_images: Any, final_images: Any) -> dict[str, Any]:
@@ -759,6 +844,7 @@ def train_and_evaluate(
     log: Log = _print,
     results_name: str = "results",
     ood: ood_lib.OodConfig | None = None,
+    flatness: flatness_lib.FlatnessConfig | None = None,
 ) -> dict[str, Any]:
     """Runs every config (same dataset), the baselines, and writes ``results.json``.
 
@@ -774,6 +860,8 @@ def train_and_evaluate(
         the results of ``experiments.run`` in a shared workdir.
       ood: also test every evaluated set (random, condensed, full) on these corrupted test
         sets: rows get an ``"ood"`` object, ``<stem>_ood.md`` and ``<stem>_ood.png`` are written.
+      flatness: also measure every condensed set's flatness on held-out experts (rows of the
+        condensed sets get a ``"flatness"`` object; see ``distill_and_evaluate``).
 
     Returns:
       The ``results.json`` content.
@@ -814,6 +902,7 @@ def train_and_evaluate(
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         **({"ood": ood.identity()} if ood is not None else {}),
+        **({"flatness": flatness.identity()} if flatness is not None else {}),
     }
 
     def write_results() -> dict[str, Any]:
@@ -848,7 +937,9 @@ def train_and_evaluate(
             stores[edir] = ensure_experts(cfg, data, workdir, progress=progress, log=log)
         store = stores[edir]
         rows.extend(
-            distill_and_evaluate(cfg, data, store, workdir, progress=progress, log=log, ood=ood)
+            distill_and_evaluate(
+                cfg, data, store, workdir, progress=progress, log=log, ood=ood, flatness=flatness
+            )
         )
         write_results()
 

@@ -13,6 +13,13 @@ perturbed point, so it drops into any JAX training loop and composes with ``opta
 * ``sam``: ``eps = rho h / (||h|| + 1e-12)``, ``g = grad(params + eps)`` (Foret et al., 2021).
   Unlike ``optax.contrib.normalize`` the norm has an epsilon, so a zero gradient gives a zero
   perturbation, not NaN.
+
+  Two options of ours shape the ball (``sam``, ``gsam`` and ``smooth_sam`` take both):
+  ``ball="per_example"`` normalises each slice along the leading axis of every leaf on its own
+  (one ball per image, SAM's "m-sharpness" with ``m = 1``) instead of one ball for the whole
+  tree; ``radius="relative"`` makes ``rho`` a fraction of the parameters' own norm (of the
+  whole tree, or of each slice with ``per_example``), so that one value means the same on
+  every scale. ``ball="global", radius="absolute"`` is SAM as published.
 * ``asam``: ``eps = rho T^2 h / ||T h||``, ``T = |params| + eta`` (Kwon et al., 2021).
 * ``gsam``: update direction ``g - alpha h_perp``, ``h_perp`` the part of ``h`` orthogonal to
   ``g`` (Zhuang et al., 2022). ``alpha = 0`` is SAM.
@@ -93,10 +100,66 @@ class SmoothSharpnessState(NamedTuple):
     key: jax.Array
 
 
-def sam_perturbation(grads: Params, rho: float) -> Params:
-    """``rho * grads / (||grads|| + 1e-12)`` with one global norm over the tree."""
-    scale = rho / (_norm(grads) + NORM_EPS)
-    return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
+BALLS = ("global", "per_example")
+RADII = ("absolute", "relative")
+
+
+def _check_ball(ball: str, radius: str) -> None:
+    if ball not in BALLS:
+        raise ValueError(f"unknown ball {ball!r}; choose one of {BALLS}")
+    if radius not in RADII:
+        raise ValueError(f"unknown radius {radius!r}; choose one of {RADII}")
+
+
+def example_norms(x: jax.Array) -> jax.Array:
+    """``||x_i||`` over every axis but the first, shaped to broadcast against ``x``."""
+    if x.ndim == 0:
+        return jnp.sqrt(jnp.square(x))
+    axes = tuple(range(1, x.ndim))
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))
+
+
+def sam_perturbation(
+    grads: Params,
+    rho: float,
+    params: Params | None = None,
+    *,
+    ball: str = "global",
+    radius: str = "absolute",
+) -> Params:
+    """SAM's ascent step ``eps`` of length ``rho`` along ``grads``.
+
+    Args:
+      grads: the gradient ``h`` at ``params``.
+      rho: the radius.
+      params: the point (needed only with ``radius="relative"``).
+      ball: ``"global"``: ``eps = r h / (||h|| + 1e-12)``, one norm over the whole tree;
+        ``"per_example"``: ``eps_i = r_i h_i / (||h_i|| + 1e-12)`` for every slice ``i`` along
+        the leading axis of every leaf.
+      radius: ``"absolute"``: ``r = rho``; ``"relative"``: ``r = rho ||params||`` (global) or
+        ``r_i = rho ||params_i||`` (per example).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> h = jnp.array([[3.0, 4.0], [0.0, 1.0]]); x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> eps = sam_perturbation(h, 0.5, x, ball="per_example", radius="relative")
+      >>> [round(float(v), 4) for v in eps.ravel()]  # rows of length 0.5 * ||x_i||
+      [0.3, 0.4, 0.0, 1.0]
+    """
+    _check_ball(ball, radius)
+    if radius == "relative" and params is None:
+        raise ValueError("radius='relative' needs params")
+    if ball == "global":
+        r = rho * _norm(params) if radius == "relative" else rho
+        scale = r / (_norm(grads) + NORM_EPS)
+        return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
+
+    def leaf(g, x):
+        r = rho * example_norms(x) if radius == "relative" else rho
+        return (r * g / (example_norms(g) + NORM_EPS)).astype(g.dtype)
+
+    like = params if params is not None else grads
+    return jax.tree.map(leaf, grads, like)
 
 
 def _perturbed_transform(
@@ -124,7 +187,11 @@ def _perturbed_transform(
 
 
 def sam(
-    base_optimizer: optax.GradientTransformation, rho: float = 0.05
+    base_optimizer: optax.GradientTransformation,
+    rho: float = 0.05,
+    *,
+    ball: str = "global",
+    radius: str = "absolute",
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-Aware Minimization as an Optax transform.
 
@@ -137,6 +204,9 @@ def sam(
     Args:
       base_optimizer: applies the sharpness-aware gradient (e.g. ``optax.sgd(lr, 0.5)``).
       rho: radius of the perturbation (``rho = 0`` gives the base optimizer).
+      ball: ``"global"`` (SAM) or ``"per_example"`` (one ball per leading-axis slice; ours).
+      radius: ``"absolute"`` (SAM) or ``"relative"`` (``rho`` times the parameters' norm;
+        ours). See ``sam_perturbation``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -152,9 +222,10 @@ def sam(
     Reference: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
     Generalization", ICLR 2021.
     """
+    _check_ball(ball, radius)
     return _perturbed_transform(
         base_optimizer,
-        perturb=lambda h, p: sam_perturbation(h, rho),
+        perturb=lambda h, p: sam_perturbation(h, rho, p, ball=ball, radius=radius),
         combine=lambda h, g: g,
         name="sam",
     )
@@ -187,14 +258,20 @@ def asam(
 
 
 def gsam(
-    base_optimizer: optax.GradientTransformation, rho: float = 0.05, alpha: float = 0.1
+    base_optimizer: optax.GradientTransformation,
+    rho: float = 0.05,
+    alpha: float = 0.1,
+    *,
+    ball: str = "global",
+    radius: str = "absolute",
 ) -> optax.GradientTransformationExtraArgs:
     """Surrogate-gap guided SAM: direction ``g - alpha * h_perp``.
 
     ``h`` is the gradient at ``params``, ``g`` the gradient at the SAM point
     ``params + rho h / ||h||``, and ``h_perp = h - (<h, g> / ||g||^2) g`` the part of ``h``
     orthogonal to ``g``. Descending along ``-h_perp`` lowers the surrogate gap without changing
-    the perturbed loss to first order. ``alpha = 0`` is SAM.
+    the perturbed loss to first order. ``alpha = 0`` is SAM. ``ball`` and ``radius`` shape the
+    SAM point as in ``sam``.
 
     Reference: Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", ICLR 2022.
     """
@@ -204,8 +281,12 @@ def gsam(
         h_perp = jax.tree.map(lambda hi, gi: hi - (coef * gi).astype(hi.dtype), h, g)
         return _axpy(-alpha, h_perp, g)
 
+    _check_ball(ball, radius)
     return _perturbed_transform(
-        base_optimizer, lambda h, p: sam_perturbation(h, rho), combine, "gsam"
+        base_optimizer,
+        lambda h, p: sam_perturbation(h, rho, p, ball=ball, radius=radius),
+        combine,
+        "gsam",
     )
 
 
@@ -214,17 +295,23 @@ def smooth_sam(
     rho: float = 0.05,
     sigma: float = 0.01,
     seed: int = 0,
+    *,
+    ball: str = "global",
+    radius: str = "absolute",
 ) -> optax.GradientTransformationExtraArgs:
     """SAM whose ascent direction is taken at a Gaussian-perturbed point.
 
     ``xi ~ N(0, sigma^2 I)``; ``h = grad_fn(params + xi, 0)``; ``eps = rho h / (||h|| + 1e-12)``;
     ``g = grad_fn(params + eps, 1)``; the base optimizer applies ``g``. The incoming ``grads``
     are not used for the direction. ``sigma = 0`` reproduces ``sam`` (one more gradient
-    evaluation). The noise key lives in the state, so the transform stays pure.
+    evaluation). The noise key lives in the state, so the transform stays pure. ``ball`` and
+    ``radius`` shape ``eps`` as in ``sam``.
 
     Reference: Liu et al., "Random Sharpness-Aware Minimization", NeurIPS 2022 (the smoothing
     form in SATM's public description is not spelled out; this one is this project's choice).
     """
+
+    _check_ball(ball, radius)
 
     def init_fn(params):
         return SmoothSharpnessState(base_optimizer.init(params), jax.random.PRNGKey(seed))
@@ -239,7 +326,7 @@ def smooth_sam(
         noise = [sigma * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
         noisy = jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise)])
         h = grad_fn(noisy, 0)
-        eps = sam_perturbation(h, rho)
+        eps = sam_perturbation(h, rho, params, ball=ball, radius=radius)
         g = grad_fn(jax.tree.map(jnp.add, params, eps), 1)
         new_updates, base_state = base_optimizer.update(g, state.base_state, params)
         return new_updates, SmoothSharpnessState(base_state, key)
@@ -266,20 +353,28 @@ def make_sharpness(
     gsam_alpha: float = 0.1,
     sigma: float = 0.01,
     seed: int = 0,
+    ball: str = "global",
+    radius: str = "absolute",
 ) -> optax.GradientTransformationExtraArgs:
     """The sharpness-aware transform named ``name`` (one of ``SHARPNESS``).
 
+    ``ball`` and ``radius`` (``BALLS``, ``RADII``) apply to ``sam``, ``gsam`` and
+    ``smooth_sam``; ASAM has its own normalisation and accepts only the defaults.
+
     Raises:
-      ValueError: unknown name.
+      ValueError: unknown name, ball or radius; a ball or radius that ``name`` does not take.
     """
+    _check_ball(ball, radius)
+    if name in ("none", "asam") and (ball, radius) != ("global", "absolute"):
+        raise ValueError(f"sharpness {name!r} takes no ball/radius options (got {ball}, {radius})")
     if name == "none":
         return no_sharpness(base_optimizer)
     if name == "sam":
-        return sam(base_optimizer, rho)
+        return sam(base_optimizer, rho, ball=ball, radius=radius)
     if name == "asam":
         return asam(base_optimizer, rho, eta)
     if name == "gsam":
-        return gsam(base_optimizer, rho, gsam_alpha)
+        return gsam(base_optimizer, rho, gsam_alpha, ball=ball, radius=radius)
     if name == "smooth_sam":
-        return smooth_sam(base_optimizer, rho, sigma, seed)
+        return smooth_sam(base_optimizer, rho, sigma, seed, ball=ball, radius=radius)
     raise ValueError(f"unknown sharpness {name!r}; choose one of {SHARPNESS}")

@@ -104,12 +104,17 @@ def plot_history(
     title: str = "",
     syn_lrs: Sequence[float] | None = None,
     image_updates: Sequence[float] | None = None,
+    sharpness: Sequence[float] | None = None,
+    norms: dict[str, Sequence[float]] | None = None,
 ) -> str:
     """Matching loss (raw and smoothed over a tenth of the run) with the evaluation accuracy
-    (if any); below it, the step size and the relative image update when given. One PNG."""
+    (if any); below it, when given: the step size, the relative image update, the sharpness
+    ``L(X + eps) - L(X)`` of a sharpness-aware run, and norms (``||h||``, ``||eps||``,
+    ``||X||``, ``||dX||``, one line each, log scale). One PNG."""
     from satm_jax.convergence import smooth
 
     panels = 1 + (syn_lrs is not None) + (image_updates is not None)
+    panels += (sharpness is not None) + bool(norms)
     fig = _figure((7, 3 + 2 * (panels - 1)))
     axes = [fig.add_subplot(panels, 1, i + 1) for i in range(panels)]
     ax1 = axes[0]
@@ -133,6 +138,19 @@ def plot_history(
         ax.plot(iterations, image_updates, color="tab:purple", lw=0.5)
         ax.set_yscale("log")
         ax.set_ylabel("||dX|| / ||X||")
+    if sharpness is not None:
+        ax = rest.pop(0)
+        ax.plot(iterations, sharpness, color="tab:orange", lw=0.5, alpha=0.4)
+        ax.plot(iterations, smooth(sharpness, window), color="tab:orange", lw=1.5)
+        ax.axhline(0.0, color="0.5", lw=0.5)
+        ax.set_ylabel("L(X+eps) - L(X)")
+    if norms:
+        ax = rest.pop(0)
+        for name, values in norms.items():
+            ax.plot(iterations, values, lw=0.8, label=name)
+        ax.set_yscale("log")
+        ax.set_ylabel("norm")
+        ax.legend(loc="upper right", fontsize=7, ncol=len(norms))
     axes[-1].set_xlabel("iteration")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

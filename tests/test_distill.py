@@ -278,3 +278,27 @@ def test_calibrated_outer_loop_runs_in_the_donating_multi_step_loop():
     out = distill.run_distillation(state, bank, cfg, step, progress=False, log=lambda m: None)
     assert int(out.iteration) == 4 and int(out.num_nonfinite) == 0
     assert float(out.syn_lr) != lr0 and not np.allclose(out.images, x)
+
+
+def test_sharpness_metrics_measure_the_perturbation_and_its_loss_increase():
+    """``eps_norm`` is the ball's radius (absolute: rho; per-image relative: rho ||X||);
+    ``sharpness`` is the second pass minus the first and, for a small ball, its first-order
+    value rho ||h|| (trajectory reusing differentiates exactly the function it perturbs)."""
+    rho = 0.05
+    kw = dict(hypergrad="truncated", truncate=2, sharpness="sam", reuse_trajectory=True)
+    cfg, apply_fn, bank, x, y = distill_problem(rho=rho, **kw)
+    state, m = _steps(cfg, apply_fn, bank, x, y, n=1)
+    assert float(m["eps_norm"]) == pytest.approx(rho, rel=1e-5)
+    assert float(m["sharpness"]) == pytest.approx(float(m["perturbed_loss"] - m["loss"]), 1e-6)
+    assert float(m["sharpness"]) == pytest.approx(rho * float(m["grad_norm"]), rel=0.05)
+    assert float(m["img_norm"]) == pytest.approx(float(jnp.linalg.norm(x)), rel=1e-5)
+    assert float(m["update_norm"]) == pytest.approx(
+        float(jnp.linalg.norm(state.images - x)), rel=1e-5
+    )
+    rel = dataclasses.replace(cfg, rho=0.01, rho_ball="per_example", rho_scale="relative")
+    _, m = _steps(rel, apply_fn, bank, x, y, n=1)
+    assert float(m["eps_norm"]) == pytest.approx(0.01 * float(jnp.linalg.norm(x)), rel=1e-5)
+    _, m = _steps(dataclasses.replace(cfg, sharpness="none"), apply_fn, bank, x, y, n=1)
+    assert "eps_norm" not in m and "sharpness" not in m
+    with pytest.raises(ValueError, match="rho_ball"):
+        dataclasses.replace(cfg, sharpness="none", rho_ball="per_example").validate()

@@ -48,6 +48,7 @@ def test_the_documented_modules_are_all_found():
         "data",
         "evaluate",
         "experts",
+        "flatness",
         "matching",
         "models",
         "outputs",

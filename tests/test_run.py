@@ -231,3 +231,47 @@ def test_cpu_preset_uses_the_calibrated_outer_loop_and_the_published_evaluation_
 def test_outer_loop_settings_that_cannot_act_are_refused(overrides, message):
     with pytest.raises(configs.ConfigError, match=message):
         configs.make_run_config("fashion_mnist", 1, "mtt", preset="cpu", overrides=overrides)
+
+
+def test_flatness_flags_make_the_library_config_and_refuse_bad_values(absl_flags):
+    import dataclasses
+
+    from experiments import flatness_flags, knobs
+    from satm_jax import flatness
+
+    absl_flags(["prog"])
+    assert flatness_flags.flatness_from_flags() is None
+    absl_flags(["prog", "--flatness", "--flatness_radius=0.05", "--flatness_ball=per_example"])
+    assert flatness_flags.flatness_from_flags() == flatness.FlatnessConfig(
+        radius=0.05, ball="per_example"
+    )
+    # help text is the field's docstring line, the default the field's default
+    docs = knobs.field_docs(flatness.FlatnessConfig)
+    for f in dataclasses.fields(flatness.FlatnessConfig):
+        flag = absl_flags["flatness_" + f.name]
+        assert flag.help.endswith(docs[f.name]) and flag.default == f.default
+    absl_flags(["prog", "--flatness", "--flatness_radius=0"])
+    with pytest.raises(configs.ConfigError, match="--flatness: .*radius > 0"):
+        flatness_flags.flatness_from_flags()
+
+
+def test_a_knob_without_a_docstring_line_is_refused():
+    import dataclasses
+
+    from experiments import knobs
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        """Toy.
+
+        Attributes:
+          alpha: the first knob, on
+            two lines.
+        """
+
+        alpha: float = 1.0
+        beta: int = 2
+
+    assert knobs.field_docs(Knobs) == {"alpha": "the first knob, on two lines."}
+    with pytest.raises(TypeError, match="Knobs.beta has no line"):
+        knobs.define_dataclass_flags(Knobs, "toy_")

@@ -223,3 +223,67 @@ def test_missing_grad_fn_and_unknown_name_are_clear_errors():
         tx.update(grad(p), tx.init(p), p)
     with pytest.raises(ValueError, match="unknown sharpness"):
         sharpness.make_sharpness("adam", optax.sgd(0.1))
+
+
+def _x_and_h():
+    x = jnp.array([[[1.0, 2.0], [2.0, 0.0]], [[0.0, 0.0], [3.0, 4.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    h = jnp.array([[[0.1, 0.0], [0.0, 0.0]], [[0.0, -2.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    return x, h
+
+
+def test_per_example_ball_gives_each_slice_its_own_radius():
+    x, h = _x_and_h()
+    eps = sharpness.sam_perturbation(h, 0.2, x, ball="per_example")
+    np.testing.assert_allclose(jnp.linalg.norm(eps.reshape(3, -1), axis=1), [0.2, 0.2, 0.2], 1e-6)
+    # each slice points along its own gradient, unlike the global ball (dominated by slice 1)
+    np.testing.assert_allclose(eps[0], [[0.2, 0.0], [0.0, 0.0]], atol=1e-7)
+    glob = sharpness.sam_perturbation(h, 0.2, x)
+    assert float(jnp.linalg.norm(glob)) == pytest.approx(0.2, rel=1e-6)
+    assert float(jnp.linalg.norm(glob[0])) < 0.02
+
+
+def test_relative_radius_is_rho_times_the_norm_by_hand():
+    x, h = _x_and_h()
+    rho = 0.1
+    glob = sharpness.sam_perturbation(h, rho, x, radius="relative")
+    expect = rho * jnp.linalg.norm(x) * h / jnp.linalg.norm(h)
+    np.testing.assert_allclose(glob, expect, rtol=1e-6)
+    per = sharpness.sam_perturbation(h, rho, x, ball="per_example", radius="relative")
+    xn = jnp.linalg.norm(x.reshape(3, -1), axis=1)  # 3, 5, 1
+    hn = jnp.linalg.norm(h.reshape(3, -1), axis=1)
+    np.testing.assert_allclose(per, rho * (xn / hn)[:, None, None] * h, rtol=1e-6)
+    # scale-free: scaling the set scales the perturbation, the absolute one does not change
+    np.testing.assert_allclose(
+        sharpness.sam_perturbation(h, rho, 10 * x, radius="relative"), 10 * glob, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        sharpness.sam_perturbation(h, rho, 10 * x), sharpness.sam_perturbation(h, rho, x)
+    )
+
+
+def test_ball_options_reach_the_transforms_update():
+    """sam and gsam take the per-example relative point: the gradient is taken at x + eps."""
+    x, h = _x_and_h()
+    seen = []
+
+    def recording_grad_fn(p, i):
+        seen.append(p)
+        return h
+
+    eps = sharpness.sam_perturbation(h, 0.3, x, ball="per_example", radius="relative")
+    for tx in (
+        sharpness.sam(optax.sgd(1.0), 0.3, ball="per_example", radius="relative"),
+        sharpness.gsam(optax.sgd(1.0), 0.3, 0.0, ball="per_example", radius="relative"),
+        sharpness.make_sharpness(
+            "sam", optax.sgd(1.0), rho=0.3, ball="per_example", radius="relative"
+        ),
+    ):
+        seen.clear()
+        tx.update(h, tx.init(x), x, grad_fn=recording_grad_fn)
+        np.testing.assert_allclose(seen[0], x + eps, rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown ball"):
+        sharpness.sam(optax.sgd(1.0), ball="per_class")
+    with pytest.raises(ValueError, match="takes no ball"):
+        sharpness.make_sharpness("asam", optax.sgd(1.0), radius="relative")
+    with pytest.raises(ValueError, match="needs params"):
+        sharpness.sam_perturbation(h, 0.1, radius="relative")

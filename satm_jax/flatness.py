@@ -1,0 +1,314 @@
+"""Flatness of a finished synthetic set: how the matching loss behaves around it.
+
+SATM's claim is that a set found by minimising the sharpness of the outer loss generalises
+better. These measures look at a finished set ``X`` alone, however it was made:
+
+* ``worst_case_increase``: ``max_{||delta|| <= r} L(X + delta) - L(X)``, by a few steps of
+  projected (normalised) gradient ascent from ``delta = 0``; the ball is ``r = radius``
+  (absolute) or ``r = radius * ||X||`` (relative, the default), around the whole set or per
+  image, as in ``satm_jax.sharpness.sam_perturbation``;
+* ``top_hessian_eigenvalue``: the largest eigenvalue of ``d^2 L / dX^2`` by power iteration on
+  Hessian-vector products (forward-over-reverse: ``jax.jvp`` of ``jax.grad``);
+* the generalisation gap of the outer problem: ``L`` on trajectories of **held-out experts**
+  (never sampled during distillation) minus ``L`` on the sampled experts, on the same
+  minibatches and augmentation draws.
+
+``L`` here is deterministic: the mean matching loss over ``samples`` trajectories (expert,
+start epoch, minibatches and augmentation keys) drawn once from a key, with the set's learned
+step size held fixed and the exact (untruncated) unroll. That choice of a fixed draw, and the
+relative default radius, are this project's.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from satm_jax import flatness
+  >>> a = jnp.diag(jnp.array([4.0, 1.0, 0.5]))
+  >>> f = lambda x: 0.5 * x @ a @ x
+  >>> x0 = jnp.zeros(3)
+  >>> round(float(flatness.top_hessian_eigenvalue(f, x0, iterations=30)), 3)
+  4.0
+  >>> round(float(flatness.worst_case_increase(f, x0, 0.1, steps=20, radius_scale="absolute")), 4)
+  0.02
+
+Reference for the power-iteration measure: Yao et al., "PyHessian: Neural Networks Through the
+Lens of the Hessian", 2020; for m-sharpness: Foret et al., ICLR 2021.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from satm_jax import experts as experts_lib
+from satm_jax import matching
+from satm_jax import sharpness as sharpness_lib
+
+Array = jax.Array
+LossFn = Callable[[Array], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatnessConfig:
+    """What ``measure`` computes.
+
+    Attributes:
+      heldout_experts: experts trained with another seed for the held-out measures.
+      samples: trajectories ``L`` averages over (the same draw for every measure).
+      radius: the ascent ball's radius (see ``radius_scale``).
+      radius_scale: ``"relative"`` (``radius * ||X||``) or ``"absolute"``.
+      ball: ``"global"`` or ``"per_example"`` (one ball per image).
+      ascent_steps: projected ascent steps of ``worst_case_increase``.
+      power_iterations: Hessian-vector products of ``top_hessian_eigenvalue``.
+      seed: key of the trajectory draw and of the power iteration's start.
+    """
+
+    heldout_experts: int = 2
+    samples: int = 4
+    radius: float = 0.01
+    radius_scale: str = "relative"
+    ball: str = "global"
+    ascent_steps: int = 5
+    power_iterations: int = 10
+    seed: int = 0
+
+    def validate(self) -> FlatnessConfig:
+        """Raises ``ValueError`` for settings that cannot be measured."""
+        if self.heldout_experts < 1 or self.samples < 1:
+            raise ValueError("flatness needs heldout_experts >= 1 and samples >= 1")
+        if not self.radius > 0 or self.ascent_steps < 1 or self.power_iterations < 1:
+            raise ValueError("flatness needs radius > 0, ascent_steps >= 1, power_iterations >= 1")
+        if self.ball not in sharpness_lib.BALLS or self.radius_scale not in sharpness_lib.RADII:
+            raise ValueError(
+                f"flatness ball must be one of {sharpness_lib.BALLS} and radius_scale one of "
+                f"{sharpness_lib.RADII}, got {self.ball!r}, {self.radius_scale!r}"
+            )
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What a cached measurement must agree on."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic measures of a loss around a point
+# --------------------------------------------------------------------------------------------
+
+
+def _ball_radius(x: Array, radius: float, radius_scale: str, ball: str) -> Array:
+    """The radius per example (``ball="per_example"``, shape ``(n, 1, ...)``) or overall."""
+    if radius_scale == "absolute":
+        return jnp.asarray(radius, x.dtype)
+    if ball == "global":
+        return radius * jnp.linalg.norm(x)
+    return radius * sharpness_lib.example_norms(x)
+
+
+def _project(delta: Array, r: Array, ball: str) -> Array:
+    """``delta`` shrunk into the ball of radius ``r``."""
+    if ball == "global":
+        n = jnp.linalg.norm(delta)
+    else:
+        n = sharpness_lib.example_norms(delta)
+    return delta * jnp.minimum(1.0, r / (n + sharpness_lib.NORM_EPS))
+
+
+def worst_case_increase(
+    loss_fn: LossFn,
+    x: Array,
+    radius: float,
+    *,
+    steps: int = 5,
+    radius_scale: str = "relative",
+    ball: str = "global",
+    key: Array | None = None,
+) -> Array:
+    """``max L(x + delta) - L(x)`` over the ball, by projected normalised gradient ascent.
+
+    ``delta`` starts at a random point a tenth of the radius from ``x`` (so that a stationary
+    ``x`` still has an ascent direction); each step moves it by the ball's radius along the
+    (per-example) normalised gradient at ``x + delta`` and projects it back onto the ball. The
+    largest increase seen is returned: a lower bound of the true maximum.
+
+    Args:
+      loss_fn: ``L(x) -> scalar``.
+      x: the point (e.g. the synthetic set).
+      radius: the ball's radius, absolute or relative to ``||x||`` (``radius_scale``).
+      steps: ascent steps.
+      radius_scale: ``"relative"`` or ``"absolute"``.
+      ball: ``"global"`` or ``"per_example"``.
+      key: the random start's key (default ``PRNGKey(0)``).
+    """
+    r = _ball_radius(x, radius, radius_scale, ball)
+    key = jax.random.PRNGKey(0) if key is None else key
+    noise = jax.random.normal(key, x.shape, x.dtype)
+    delta0 = 0.1 * r * sharpness_lib.sam_perturbation(noise, 1.0, ball=ball)
+    base = loss_fn(x)
+    value_and_grad = jax.value_and_grad(loss_fn)
+
+    def body(carry, _):
+        delta, best = carry
+        _, g = value_and_grad(x + delta)
+        step = sharpness_lib.sam_perturbation(g, 1.0, ball=ball)  # unit (per-example) direction
+        delta = _project(delta + r * step, r, ball)
+        best = jnp.maximum(best, loss_fn(x + delta) - base)
+        return (delta, best), None
+
+    init = (delta0.astype(x.dtype), jnp.asarray(-jnp.inf, base.dtype))
+    (_, best), _ = jax.lax.scan(body, init, None, length=steps)
+    return best
+
+
+def hvp(loss_fn: LossFn, x: Array, v: Array) -> Array:
+    """The Hessian-vector product ``(d^2 L / dx^2) v``, forward-over-reverse."""
+    return jax.jvp(jax.grad(loss_fn), (x,), (v,))[1]
+
+
+def top_hessian_eigenvalue(
+    loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
+) -> Array:
+    """The eigenvalue of largest magnitude of ``d^2 L / dx^2`` by power iteration.
+
+    Returns the Rayleigh quotient ``v^T H v`` of the last unit vector ``v``, which converges to
+    the dominant eigenvalue (sign included) at the rate of the ratio of the two largest
+    magnitudes.
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    v = jax.random.normal(key, x.shape, x.dtype)
+    v = v / jnp.linalg.norm(v)
+
+    def body(v, _):
+        hv = hvp(loss_fn, x, v)
+        return hv / (jnp.linalg.norm(hv) + sharpness_lib.NORM_EPS), None
+
+    v, _ = jax.lax.scan(body, v, None, length=iterations)
+    return jnp.vdot(v, hvp(loss_fn, x, v))
+
+
+# --------------------------------------------------------------------------------------------
+# The matching loss on a fixed draw of trajectories
+# --------------------------------------------------------------------------------------------
+
+
+def draw_trajectories(
+    bank: experts_lib.ExpertBank,
+    key: Array,
+    samples: int,
+    num_syn: int,
+    *,
+    syn_steps: int,
+    expert_epochs: int,
+    min_start_epoch: int,
+    max_start_epoch: int,
+    batch_syn: int | None,
+) -> dict[str, Any]:
+    """``samples`` trajectories drawn as the outer loop draws them, stacked on a leading axis.
+
+    The expert/start draw and the minibatch/augmentation draw use separate keys, so two banks
+    drawn with the same key share the minibatches and augmentations (a paired comparison).
+    """
+    keys = jax.random.split(key, samples)
+
+    def one(k):
+        k_exp, k_batch = jax.random.split(k)
+        start, target, _, _ = experts_lib.sample_start_target(
+            bank, k_exp, min_start_epoch, max_start_epoch, expert_epochs
+        )
+        batches = matching.sample_student_batches(k_batch, num_syn, batch_syn, syn_steps)
+        return {"start": start, "target": target, "batches": batches}
+
+    return jax.vmap(one)(keys)
+
+
+def fixed_matching_loss(
+    apply_fn: matching.ApplyFn,
+    labels: Array,
+    syn_lr: Array,
+    trajectories: dict[str, Any],
+    *,
+    augment_fn: matching.AugmentFn,
+    remat: bool = True,
+) -> LossFn:
+    """``L(X)``: the mean exact matching loss over the stacked ``trajectories``."""
+
+    def loss_fn(images):
+        def one(t):
+            return matching.matching_loss(
+                apply_fn,
+                images,
+                labels,
+                syn_lr,
+                t["start"],
+                t["target"],
+                t["batches"],
+                augment_fn=augment_fn,
+                remat=remat,
+            )
+
+        return jnp.mean(jax.lax.map(one, trajectories))
+
+    return loss_fn
+
+
+def measure(
+    cfg: FlatnessConfig,
+    images: Array,
+    loss_sampled: LossFn,
+    loss_heldout: LossFn,
+) -> dict[str, float]:
+    """Every measure of one set: the losses on sampled and held-out trajectories, their gap,
+    and the worst-case increase and top Hessian eigenvalue of the held-out loss.
+
+    Returns:
+      ``{"loss_sampled", "loss_heldout", "generalisation_gap", "worst_case_increase",
+      "worst_case_increase_rel", "hessian_top_eig", "radius"}`` as floats (the ``_rel`` entry
+      is the increase over the held-out loss; ``radius`` is the ball's radius in the set's
+      units, the overall one for a per-image ball).
+    """
+    cfg.validate()
+    images = jnp.asarray(images)
+    ls = float(jax.jit(loss_sampled)(images))
+    lh = float(jax.jit(loss_heldout)(images))
+    wc = float(
+        jax.jit(
+            lambda x: worst_case_increase(
+                loss_heldout,
+                x,
+                cfg.radius,
+                steps=cfg.ascent_steps,
+                radius_scale=cfg.radius_scale,
+                ball=cfg.ball,
+                key=jax.random.PRNGKey(cfg.seed + 2),
+            )
+        )(images)
+    )
+    eig = float(
+        jax.jit(
+            lambda x: top_hessian_eigenvalue(
+                loss_heldout,
+                x,
+                iterations=cfg.power_iterations,
+                key=jax.random.PRNGKey(cfg.seed + 1),
+            )
+        )(images)
+    )
+    r = _ball_radius(images, cfg.radius, cfg.radius_scale, cfg.ball)
+    return {
+        "loss_sampled": ls,
+        "loss_heldout": lh,
+        "generalisation_gap": lh - ls,
+        "worst_case_increase": wc,
+        "worst_case_increase_rel": wc / lh if lh else float("nan"),
+        "hessian_top_eig": eig,
+        "radius": _overall_radius(r, images, cfg.ball),
+    }
+
+
+def _overall_radius(r: Array, x: Array, ball: str) -> float:
+    """The length of a full-radius perturbation: ``r``, or ``sqrt(sum_i r_i^2)`` per example."""
+    if ball == "global":
+        return float(r)
+    per = jnp.broadcast_to(jnp.reshape(r, (-1,)) if jnp.ndim(r) else r, x.shape[:1])
+    return float(jnp.sqrt(jnp.sum(jnp.square(per))))
