@@ -1,13 +1,28 @@
 """Test-wide JAX settings and fixtures: strict dtype and rank promotion, 8 simulated CPU
-devices, quiet logs. Helpers that tests import live in ``tests/helpers.py``.
+devices, quiet logs, one persistent compilation cache per test run. Helpers that tests import
+live in ``tests/helpers.py``.
 
 Float64 checks use ``helpers.x64()`` (a context manager) so the rest runs in float32 as users do.
 """
 
 import logging
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+# XLA compilation is most of the suite's time, and its tests compile the same tiny programs
+# again and again (every end-to-end subprocess starts cold). One persistent cache per test run,
+# made fresh by the process that loads this file first: xdist's workers and every subprocess
+# (``helpers.module_env`` copies ``os.environ``) inherit it, so a run never reads a cache an
+# earlier run or another checkout wrote; the process that made it removes it at the end.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="satm_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 
@@ -19,6 +34,11 @@ jax.config.update("jax_platforms", "cpu")
 import pytest  # noqa: E402
 
 logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
