@@ -51,6 +51,7 @@ import sys
 
 from absl import app, flags, logging
 
+from experiments import errors
 from experiments import run as run_lib
 from satm_jax import configs as configs_lib
 
@@ -129,9 +130,6 @@ def main(argv):
 
     from satm_jax import continual
     from satm_jax import data as data_lib
-    from satm_jax.checkpoint import CheckpointError
-    from satm_jax.distill import DistillError
-    from satm_jax.experts import ExpertError
 
     try:
         data_lib.check_dataset_name(FLAGS.dataset)
@@ -143,13 +141,7 @@ def main(argv):
             )
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         continual.run_continual(ccfg, FLAGS.workdir, progress=FLAGS.progress)
-    except (
-        configs_lib.ConfigError,
-        data_lib.DatasetError,
-        ExpertError,
-        CheckpointError,
-        DistillError,
-    ) as e:
+    except errors.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

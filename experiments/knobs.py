@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
+import typing
 from typing import Any
 
 from absl import flags
@@ -77,3 +79,52 @@ def dataclass_from_flags(cls: type, prefix: str, values: Any = None) -> Any:
     """``cls`` built from the flags ``define_dataclass_flags(cls, prefix)`` defined."""
     values = values if values is not None else flags.FLAGS
     return cls(**{f.name: values[prefix + f.name].value for f in dataclasses.fields(cls)})
+
+
+def _scalar_type(hint: Any) -> type | None:
+    """``int``/``float``/``bool``/``str`` from a field's type hint (``X | None`` included)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    return hint if hint in (int, float, bool, str) else None
+
+
+def define_override_flags(
+    overrides: dict[str, tuple[str, str]],
+    sections: dict[str, type],
+    choices: dict[str, tuple[str, ...]],
+    *,
+    skip: tuple[str, ...] = (),
+) -> list[str]:
+    """One flag per ``overrides`` entry (``flag -> (section, field)``), of the field's type,
+    default ``None`` (the preset decides), with the field's docstring line as help and, where
+    ``choices`` lists them, the library's values as an enum; returns the flag names.
+
+    Raises:
+      TypeError: a field that is not a scalar, or has no docstring line.
+    """
+    names = []
+    for name, (section, field) in overrides.items():
+        if name in skip:
+            continue
+        cls = sections[section]
+        doc = field_docs(cls).get(field)
+        if doc is None:
+            raise TypeError(f"{cls.__name__}.{field} has no line in the docstring")
+        kind = _scalar_type(typing.get_type_hints(cls)[field])
+        help_text = f"{doc} (preset: {section}.{field})"
+        if name in choices:
+            flags.DEFINE_enum(name, None, list(choices[name]), help_text)
+        elif kind is bool:
+            flags.DEFINE_bool(name, None, help_text)
+        elif kind is int:
+            flags.DEFINE_integer(name, None, help_text)
+        elif kind is float:
+            flags.DEFINE_float(name, None, help_text)
+        elif kind is str:
+            flags.DEFINE_string(name, None, help_text)
+        else:
+            raise TypeError(f"{cls.__name__}.{field}: no flag type for its hint")
+        names.append(name)
+    return names

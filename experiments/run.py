@@ -25,9 +25,8 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import flatness_flags, ood_flags
+from experiments import errors, flatness_flags, knobs, ood_flags
 from satm_jax import configs as configs_lib
-from satm_jax import sharpness as sharpness_lib
 
 FLAGS = flags.FLAGS
 
@@ -52,96 +51,11 @@ flags.DEFINE_string(
     "DSA families everywhere, e.g. color_crop_cutout_flip_scale_rotate or none.",
 )
 
-_INT = [
-    "width",
-    "depth",
-    "num_experts",
-    "expert_train_epochs",
-    "expert_batch_size",
-    "expert_parallel",
-    "expert_seed",
-    "iterations",
-    "syn_steps",
-    "expert_epochs",
-    "min_start_epoch",
-    "max_start_epoch",
-    "max_start_epoch_final",
-    "batch_syn",
-    "truncate",
-    "lr_init_samples",
-    "steps_per_call",
-    "seed",
-    "eval_epochs",
-    "num_eval",
-    "eval_batch_size",
-    "eval_width",
-    "eval_every",
-    "checkpoint_every",
-    "full_epochs",
-]
-_FLOAT = [
-    "expert_rho",
-    "expert_lr",
-    "lr_img",
-    "lr_img_rel",
-    "lr_lr",
-    "lr_log_lr",
-    "lr_teacher",
-    "rho",
-    "sigma",
-    "gsam_alpha",
-    "asam_eta",
-    "lr_label",
-    "ema_decay",
-]
-_BOOL = ["zca", "reuse_trajectory", "soft_labels", "remat", "data_parallel"]
-_STR = {
-    "model": None,
-    "norm": ["instancenorm", "batchnorm", "none"],
-    "conv_impl": ["auto", "patches", "lax"],
-    "lr_update": ["backprop", "first_order", "fixed"],
-    "img_optimizer": ["sgd", "adam"],
-    "lr_space": ["linear", "log"],
-    "lr_init": ["teacher", "closed_form"],
-    "hypergrad": ["exact", "truncated"],
-    "sharpness": list(sharpness_lib.SHARPNESS),
-    "rho_ball": list(sharpness_lib.BALLS),
-    "rho_scale": list(sharpness_lib.RADII),
-    "expert_sharpness": ["none", "sam", "asam", "gsam"],
-}
-
-for _n in _INT:
-    flags.DEFINE_integer(
-        _n,
-        None,
-        f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
-    )
-for _n in _FLOAT:
-    flags.DEFINE_float(
-        _n,
-        None,
-        f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
-    )
-for _n in _BOOL:
-    flags.DEFINE_bool(
-        _n,
-        None,
-        f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
-    )
-for _n, _choices in _STR.items():
-    if _choices:
-        flags.DEFINE_enum(
-            _n,
-            None,
-            _choices,
-            f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
-        )
-    else:
-        flags.DEFINE_string(
-            _n,
-            None,
-            f"Override the preset's {configs_lib.OVERRIDES[_n][0]}.{configs_lib.OVERRIDES[_n][1]}.",
-        )
+# Every preset field with a flag: name, type, help and choices come from satm_jax.configs
+# (OVERRIDES, SECTIONS, CHOICES) and the fields' docstrings; nothing is listed twice here.
+OVERRIDE_FLAGS = knobs.define_override_flags(
+    configs_lib.OVERRIDES, configs_lib.SECTIONS, configs_lib.CHOICES, skip=("eval_models",)
+)
 flags.DEFINE_string(
     "coordinator_address",
     None,
@@ -157,7 +71,7 @@ flags.DEFINE_list(
 
 
 def overrides_from_flags() -> dict:
-    names = _INT + _FLOAT + _BOOL + list(_STR) + ["dsa_strategy", "eval_models"]
+    names = [*OVERRIDE_FLAGS, "dsa_strategy", "eval_models"]
     return {n: FLAGS[n].value for n in names if FLAGS[n].value is not None}
 
 
@@ -195,11 +109,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from satm_jax import corruptions, ood, pipeline
-    from satm_jax import data as data_lib
-    from satm_jax.checkpoint import CheckpointError
-    from satm_jax.distill import DistillError
-    from satm_jax.experts import ExpertError
+    from satm_jax import pipeline
 
     if FLAGS.coordinator_address:
         from satm_jax import parallel
@@ -222,15 +132,7 @@ def main(argv):
             ood=ood_cfg,
             flatness=flat_cfg,
         )
-    except (
-        configs_lib.ConfigError,
-        ood.OodError,
-        corruptions.CorruptionDataError,
-        data_lib.DatasetError,
-        ExpertError,
-        CheckpointError,
-        DistillError,
-    ) as e:
+    except errors.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

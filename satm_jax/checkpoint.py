@@ -8,8 +8,9 @@ intact. If the newest checkpoint cannot be read, the previous one is used and th
 reported.
 
 Each checkpoint folder also records the run's configuration; resuming under a different
-configuration (other than the number of iterations and the evaluation/checkpoint cadence) is
-refused with the list of differences.
+configuration is refused with the list of differences, except for the keys the caller names as
+resumable (the pipeline passes ``satm_jax.configs.RESUMABLE_CHANGES``: the number of
+iterations, the evaluation/checkpoint cadence and labels). This module knows no field names.
 """
 
 from __future__ import annotations
@@ -26,10 +27,6 @@ import numpy as np
 
 from satm_jax.outputs import json_diff
 
-# Changing these does not change what a resumed run computes ("variant" is only the label an
-# ablation gives a run: its "mtt" and "satm" variants are the plain runs of the same folder).
-_RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models", "variant")
-
 
 @contextlib.contextmanager
 def quiet_orbax():
@@ -45,6 +42,10 @@ def quiet_orbax():
 
 class CheckpointError(Exception):
     """No usable checkpoint although some exist."""
+
+
+class ConfigMismatchError(CheckpointError, ValueError):
+    """The folder holds checkpoints of a run with another configuration."""
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:
@@ -69,11 +70,14 @@ def _unflatten(flat: dict[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+def _comparable(cfg: dict[str, Any], resumable: tuple[str, ...]) -> dict[str, Any]:
+    """``cfg`` without the ``resumable`` keys, at its top level or one section down."""
     c = json.loads(json.dumps(cfg))
-    for k in _RESUMABLE_CHANGES:
+    for k in resumable:
         c.pop(k, None)
-        c.get("distill", {}).pop(k, None)
+        for v in c.values():
+            if isinstance(v, dict):
+                v.pop(k, None)
     return c
 
 
@@ -84,13 +88,24 @@ class DistillCheckpointer:
       directory: checkpoint folder (created).
       config: the run's configuration (JSON-like), stored alongside and checked on resume.
       max_to_keep: checkpoints kept (oldest deleted first).
+      resumable: keys of ``config`` (top level or one section down) that may differ on resume.
+
+    Raises:
+      ConfigMismatchError: the folder's checkpoints were made under another configuration.
     """
 
-    def __init__(self, directory: str, config: dict[str, Any], max_to_keep: int = 2):
+    def __init__(
+        self,
+        directory: str,
+        config: dict[str, Any],
+        max_to_keep: int = 2,
+        resumable: tuple[str, ...] = (),
+    ):
         import orbax.checkpoint as ocp
 
         self.directory = os.path.abspath(directory)
         self.config = config
+        self.resumable = tuple(resumable)
         os.makedirs(self.directory, exist_ok=True)
         self._ocp = ocp
         self.manager = ocp.CheckpointManager(
@@ -113,13 +128,14 @@ class DistillCheckpointer:
             except (OSError, json.JSONDecodeError):
                 stored = None
             if stored is not None:
-                from satm_jax.configs import ConfigError
-
                 diffs = json_diff(
-                    _comparable(stored), _comparable(self.config), "checkpoint", "now"
+                    _comparable(stored, self.resumable),
+                    _comparable(self.config, self.resumable),
+                    "checkpoint",
+                    "now",
                 )
                 if diffs:
-                    raise ConfigError(
+                    raise ConfigMismatchError(
                         f"{self.directory} holds checkpoints of a run with another "
                         "configuration:\n  " + "\n  ".join(diffs[:20]) + "\nUse another "
                         "--workdir, or delete that run folder to start over."

@@ -28,6 +28,7 @@ import dataclasses
 import math
 from typing import Any
 
+from satm_jax import distill, experts, models, sharpness
 from satm_jax.augment import DEFAULT_STRATEGY
 from satm_jax.data import Preprocessing
 from satm_jax.distill import DistillConfig
@@ -394,6 +395,35 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "full_epochs": ("run", "full_epochs"),
     "eval_models": ("run", "eval_models"),
 }
+# Fields whose change does not change what a resumed run computes ("variant" is only the label
+# an ablation gives a run: its "mtt" and "satm" variants are the plain runs of the same folder).
+RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models", "variant")
+
+# The dataclass behind each section of ``OVERRIDES`` (its field docs are the flags' help).
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "preprocessing": Preprocessing,
+    "experts": ExpertConfig,
+    "distill": DistillConfig,
+    "eval": EvalConfig,
+    "run": RunConfig,
+}
+
+# The values an override may take, where the library fixes them (the library's own tuples).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "norm": models.NORMS,
+    "conv_impl": models.CONV_IMPLS,
+    "expert_sharpness": experts.EXPERT_SHARPNESS,
+    "img_optimizer": distill.IMG_OPTIMIZERS,
+    "lr_space": distill.LR_SPACES,
+    "lr_init": distill.LR_INITS,
+    "lr_update": distill.LR_UPDATES,
+    "hypergrad": distill.HYPERGRADS,
+    "sharpness": sharpness.SHARPNESS,
+    "rho_ball": sharpness.BALLS,
+    "rho_scale": sharpness.RADII,
+}
+
 # Settings that only matter with a sharpness-aware outer update.
 _SHARPNESS_ONLY = (
     "rho",

@@ -43,7 +43,6 @@ from satm_jax import sharpness as sharpness_lib
 Array = jax.Array
 Params = Any
 
-METHODS = ("mtt", "satm")
 HYPERGRADS = ("exact", "truncated")
 LR_UPDATES = ("backprop", "first_order", "fixed")
 IMG_OPTIMIZERS = ("sgd", "adam")

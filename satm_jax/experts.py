@@ -97,6 +97,10 @@ class ExpertConfig:
     gsam_alpha: float = 0.4
 
 
+# The sharpness-aware steps experts can take (``ExpertConfig.sharpness``).
+EXPERT_SHARPNESS = ("none", "sam", "asam", "gsam")
+
+
 def _epoch_key(e: int) -> str:
     return f"epoch_{e:03d}"
 
@@ -414,9 +418,9 @@ def make_expert_trainer(
     )
     sharp = None
     if cfg.sharpness != "none":
-        if cfg.sharpness not in ("sam", "asam", "gsam"):
+        if cfg.sharpness not in EXPERT_SHARPNESS:
             raise ValueError(
-                f"expert sharpness must be none, sam, asam or gsam, got {cfg.sharpness!r}"
+                f"expert sharpness must be one of {EXPERT_SHARPNESS}, got {cfg.sharpness!r}"
             )
         sharp = sharpness_lib.make_sharpness(
             cfg.sharpness, optax.identity(), rho=cfg.rho, gsam_alpha=cfg.gsam_alpha

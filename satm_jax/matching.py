@@ -47,6 +47,7 @@ Reference: Cazenavette et al., "Dataset Distillation by Matching Training Trajec
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -60,8 +61,9 @@ Params = Any
 ApplyFn = Callable[[Params, Array], Array]
 AugmentFn = Callable[[Array, Array], Array]
 
-# ``unroll`` argument of the student's ``lax.scan``; only ``unrolled_scans`` changes it.
-_SCAN_UNROLL: int | bool = 1
+# ``unroll`` argument of the student's ``lax.scan`` at trace time; only ``unrolled_scans`` sets
+# it (a context variable: a block in one thread does not change another thread's traces).
+_SCAN_UNROLL: contextvars.ContextVar[int | bool] = contextvars.ContextVar("scan_unroll", default=1)
 
 
 @contextlib.contextmanager
@@ -72,12 +74,11 @@ def unrolled_scans() -> Iterator[None]:
     count, so ``experiments.flops`` lowers the outer step inside this block. Computation and
     results are unchanged; compilation gets slower.
     """
-    global _SCAN_UNROLL
-    old, _SCAN_UNROLL = _SCAN_UNROLL, True
+    token = _SCAN_UNROLL.set(True)
     try:
         yield
     finally:
-        _SCAN_UNROLL = old
+        _SCAN_UNROLL.reset(token)
 
 
 def _identity_augment(key: Array, x: Array) -> Array:
@@ -238,7 +239,7 @@ def unroll(
     if batches.num_steps == 0:
         return params, grad_sum
     (params, grad_sum), _ = jax.lax.scan(
-        body, (params, grad_sum if track else 0.0), xs, unroll=_SCAN_UNROLL
+        body, (params, grad_sum if track else 0.0), xs, unroll=_SCAN_UNROLL.get()
     )
     return params, grad_sum if track else None
 

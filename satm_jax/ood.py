@@ -314,8 +314,12 @@ def format_markdown(rows: list[Mapping[str, Any]]) -> str:
 
 def write_report(workdir: str, rows: list[Mapping[str, Any]], stem: str = "ood") -> list[str]:
     """Writes ``<stem>.md`` and the heat map ``<stem>.png`` for the rows with an ``"ood"``
-    object; returns the paths written (none when no row has one)."""
-    from satm_jax import visualize  # matplotlib only when there is something to draw
+    object; returns the paths written (none when no row has one, or on a process other
+    than 0)."""
+    from satm_jax import parallel, visualize  # matplotlib only when there is something to draw
+
+    if not parallel.is_main_process():
+        return []
 
     text = format_markdown(rows)
     if not text:

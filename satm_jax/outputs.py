@@ -1,5 +1,9 @@
 """What a run leaves behind: metrics (JSONL and TensorBoard), images, plots, tables, exports.
 
+In a multi-process run only process 0 writes (``satm_jax.parallel.is_main_process``): every
+writer here is a no-op elsewhere, so the processes never race on the same files. Readers read
+on every process.
+
 Example:
   >>> import os, tempfile, numpy as np
   >>> from satm_jax import outputs
@@ -10,19 +14,35 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from satm_jax import visualize
+from satm_jax import parallel, visualize
+
+
+def main_process_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` on process 0; ``None`` (nothing written) on every other process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not parallel.is_main_process():
+            return None
+        return fn(*args, **kwargs)
+
+    return wrapper
+
 
 # --------------------------------------------------------------------------------------------
 # JSON
 # --------------------------------------------------------------------------------------------
 
 
+@main_process_only
 def write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` atomically (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -86,6 +106,10 @@ class MetricsWriter:
 
     def __init__(self, rundir: str, start_iteration: int = 0, tensorboard: bool = True):
         self.path = os.path.join(rundir, "metrics.jsonl")
+        self._f = None
+        self._tb = None
+        if not parallel.is_main_process():
+            return  # only process 0 writes
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
@@ -100,7 +124,6 @@ class MetricsWriter:
             f.writelines(kept)
         os.replace(self.path + ".tmp", self.path)
         self._f = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -113,6 +136,8 @@ class MetricsWriter:
                 self._tb = None
 
     def iteration(self, it: int, metrics: dict[str, float]) -> None:
+        if self._f is None:
+            return
         rec = {"iteration": int(it), **{k: float(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()  # a killed run keeps every line up to its last checkpoint
@@ -121,6 +146,8 @@ class MetricsWriter:
                 self._tb.add_scalar(f"distill/{k}", float(v), int(it))
 
     def scalar(self, it: int, name: str, value: float) -> None:
+        if self._f is None:
+            return
         self._f.write(json.dumps({"iteration": int(it), name: float(value)}) + "\n")
         self._f.flush()
         if self._tb is not None:
@@ -128,6 +155,8 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        if self._f is None:
+            return
         self._f.close()
         if self._tb is not None:
             self._tb.close()
@@ -151,6 +180,7 @@ def read_metrics(rundir: str) -> list[dict[str, float]]:
 # --------------------------------------------------------------------------------------------
 
 
+@main_process_only
 def save_synthetic_grid(
     rundir: str, cfg: Any, data: Any, images: Any, labels: Any, iteration: int
 ) -> str:
@@ -179,6 +209,7 @@ _NORMS = (
 )
 
 
+@main_process_only
 def plot_run(rundir: str, cfg: Any) -> str | None:
     """``curves.png``: matching loss (raw and smoothed) with evaluation accuracy, the step
     size, the relative image update per iteration and, for a sharpness-aware run, the
@@ -203,6 +234,7 @@ def plot_run(rundir: str, cfg: Any) -> str | None:
     )
 
 
+@main_process_only
 def export_distilled(path: str, cfg: Any, data: Any, state: Any, images: Any) -> str:
     """``distilled.npz``: images (network space and [0,1] pixels), labels, step size, config."""
     labels = np.asarray(state.labels)
@@ -324,6 +356,7 @@ def format_markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+@main_process_only
 def write_results_table(path: str, results: dict[str, Any]) -> str:
     """``results.md``: the Markdown table of ``format_markdown``."""
     with open(path + ".tmp", "w") as f:

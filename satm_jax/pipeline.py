@@ -466,7 +466,11 @@ def distill_and_evaluate(
     mesh = parallel.make_mesh() if cfg.distill.data_parallel else None
     outer_step = distill_lib.make_outer_step(apply_fn, augment_fn, cfg.distill, mesh=mesh)
 
-    ckpt = checkpoint_lib.DistillCheckpointer(os.path.join(rundir, "checkpoints"), cfg_dict)
+    ckpt = checkpoint_lib.DistillCheckpointer(
+        os.path.join(rundir, "checkpoints"),
+        cfg_dict,
+        resumable=configs_lib.RESUMABLE_CHANGES,
+    )
     state = ckpt.restore_latest(state, log=log)
     if int(state.iteration) == 0 and cfg.distill.lr_init == "closed_form":
         state, history = distill_lib.calibrate_step_size(

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,10 +91,9 @@ def flatten(tree) -> np.ndarray:
 
 
 def tree_allclose(a, b, rtol=1e-6, atol=1e-6):
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    """Same structure, shapes and dtypes, values within ``rtol``/``atol`` (chex's check)."""
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 # --------------------------------------------------------------------------------------------

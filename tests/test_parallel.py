@@ -158,3 +158,20 @@ def test_multi_host_initialisation_passes_the_launch_arguments(monkeypatch):
     parallel.initialize_distributed("10.0.0.1:1234", 4, 2)
     assert seen == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
     assert parallel.is_main_process()  # a single process is process 0
+
+
+@pytest.mark.parametrize("index,writes", [(0, True), (1, False)])
+def test_only_process_zero_writes_outputs(tmp_path, monkeypatch, index, writes):
+    from satm_jax import outputs, parallel
+
+    monkeypatch.setattr(parallel.jax, "process_index", lambda: index)
+    assert parallel.is_main_process() == writes
+    outputs.write_json(str(tmp_path / "a.json"), {"a": 1})
+    w = outputs.MetricsWriter(str(tmp_path), tensorboard=False)
+    w.iteration(1, {"loss": 0.5})
+    w.scalar(1, "eval/acc_mean", 50.0)
+    w.close()
+    res = {"results": [{"method": "mtt", "ipc": 1, "acc_mean": 50.0, "acc_std": 1.0, "n_eval": 2}]}
+    outputs.write_results_table(str(tmp_path / "results.md"), res)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == (["a.json", "metrics.jsonl", "results.md"] if writes else [])

@@ -131,19 +131,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def test_resuming_under_another_configuration_is_refused(tmp_path):
     cfg = {"distill": {"lr_img": 100.0, "iterations": 10}, "ipc": 1}
-    ck = checkpoint.DistillCheckpointer(str(tmp_path), cfg)
+    keep = configs.RESUMABLE_CHANGES
+    ck = checkpoint.DistillCheckpointer(str(tmp_path), cfg, resumable=keep)
     ck.save(_state()._replace(iteration=jnp.asarray(5, jnp.int32)))
     # More iterations is a continuation, not a conflict.
     checkpoint.DistillCheckpointer(
-        str(tmp_path), {"distill": {"lr_img": 100.0, "iterations": 50}, "ipc": 1}
+        str(tmp_path), {"distill": {"lr_img": 100.0, "iterations": 50}, "ipc": 1}, resumable=keep
     )
     # So is the same run under an ablation's label.
     checkpoint.DistillCheckpointer(
-        str(tmp_path), {"distill": {"lr_img": 100.0, "iterations": 10}, "ipc": 1, "variant": "mtt"}
+        str(tmp_path),
+        {"distill": {"lr_img": 100.0, "iterations": 10}, "ipc": 1, "variant": "mtt"},
+        resumable=keep,
     )
-    with pytest.raises(configs.ConfigError, match="distill.lr_img: checkpoint 100.0, now 10.0"):
+    with pytest.raises(
+        checkpoint.ConfigMismatchError, match="distill.lr_img: checkpoint 100.0, now 10.0"
+    ):
         checkpoint.DistillCheckpointer(
-            str(tmp_path), {"distill": {"lr_img": 10.0, "iterations": 10}, "ipc": 1}
+            str(tmp_path), {"distill": {"lr_img": 10.0, "iterations": 10}, "ipc": 1}, resumable=keep
+        )
+    # the storage layer itself knows no field names: without ``resumable`` nothing may change
+    with pytest.raises(checkpoint.ConfigMismatchError, match="iterations"):
+        checkpoint.DistillCheckpointer(
+            str(tmp_path), {"distill": {"lr_img": 100.0, "iterations": 50}, "ipc": 1}
         )
 
 

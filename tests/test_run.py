@@ -275,3 +275,24 @@ def test_a_knob_without_a_docstring_line_is_refused():
     assert knobs.field_docs(Knobs) == {"alpha": "the first knob, on two lines."}
     with pytest.raises(TypeError, match="Knobs.beta has no line"):
         knobs.define_dataclass_flags(Knobs, "toy_")
+
+
+def test_every_override_has_one_flag_documented_by_its_field(absl_flags):
+    from experiments import knobs
+
+    names = set(run_lib.OVERRIDE_FLAGS) | {"eval_models"}
+    assert names == set(configs.OVERRIDES)
+    for name in run_lib.OVERRIDE_FLAGS:
+        section, field = configs.OVERRIDES[name]
+        flag = absl_flags[name]
+        assert flag.default is None  # the preset decides unless the flag is given
+        assert knobs.field_docs(configs.SECTIONS[section])[field] in flag.help, name
+        if name in configs.CHOICES:
+            assert list(flag.parser.enum_values) == list(configs.CHOICES[name])
+    assert list(absl_flags["sharpness"].parser.enum_values) == list(satm_jax.sharpness.SHARPNESS)
+    absl_flags(["prog", "--rho_ball=per_example", "--ema_decay=0.9", "--zca"])
+    assert run_lib.overrides_from_flags() == {
+        "rho_ball": "per_example",
+        "ema_decay": 0.9,
+        "zca": True,
+    }
