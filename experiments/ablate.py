@@ -41,6 +41,7 @@ from absl import app, flags, logging
 
 from experiments import run as run_lib
 from satm_jax import configs as configs_lib
+from satm_jax import matching
 
 FLAGS = flags.FLAGS
 
@@ -69,7 +70,7 @@ def variant_config(base: configs_lib.RunConfig, variant: str, seed: int) -> conf
     n = d.syn_steps
     changes: dict = {}
     if variant == "mtt_tuh":
-        changes = dict(hypergrad="truncated", truncate=max(1, math.ceil(n / 3)))
+        changes = dict(hypergrad="truncated", truncate=matching.default_truncation(n))
     elif variant == "satm_exact":
         changes = dict(hypergrad="exact", truncate=None)
     elif variant == "satm_k_half":

@@ -34,7 +34,6 @@ Examples::
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 import time
@@ -84,10 +83,11 @@ def _peak_mem_gib() -> float:
 
 
 def distill_config(shape: dict, mode: str, truncate: int | None, remat: bool, spc: int, dsa: str):
+    from satm_jax import matching
     from satm_jax.distill import DistillConfig
 
     n = shape["syn_steps"]
-    k = truncate or max(1, math.ceil(n / 3))
+    k = truncate or matching.default_truncation(n)
     common = dict(
         ipc=shape["ipc"],
         syn_steps=n,
@@ -104,7 +104,7 @@ def distill_config(shape: dict, mode: str, truncate: int | None, remat: bool, sp
     if mode == "truncated":
         return DistillConfig(**common, hypergrad="truncated", truncate=k, lr_update="backprop")
     if mode == "satm":
-        k = max(1, math.ceil(n / 3))
+        k = matching.default_truncation(n)
         return DistillConfig(
             **common,
             hypergrad="truncated",

@@ -28,7 +28,7 @@ import dataclasses
 import math
 from typing import Any
 
-from satm_jax import distill, experts, models, sharpness
+from satm_jax import distill, experts, matching, models, sharpness
 from satm_jax.augment import DEFAULT_STRATEGY
 from satm_jax.data import Preprocessing
 from satm_jax.distill import DistillConfig
@@ -319,7 +319,7 @@ def method_settings(method: str, syn_steps: int, rho: float) -> dict[str, Any]:
             sharpness="sam",
             rho=rho,
             hypergrad="truncated",
-            truncate=max(1, math.ceil(syn_steps / 3)),
+            truncate=matching.default_truncation(syn_steps),
             lr_update="first_order",
             reuse_trajectory=True,
         )
@@ -504,7 +504,7 @@ def make_run_config(
         raise ConfigError("--truncate needs --hypergrad=truncated (exact uses all N steps)")
     if d.hypergrad == "truncated" and d.truncate is None:
         sections["distill"] = d = dataclasses.replace(
-            d, truncate=max(1, math.ceil(d.syn_steps / 3))
+            d, truncate=matching.default_truncation(d.syn_steps)
         )
     if d.hypergrad == "truncated" and d.truncate > d.syn_steps:
         raise ConfigError(f"--truncate={d.truncate} exceeds --syn_steps={d.syn_steps}")

@@ -319,6 +319,16 @@ def suffix_loss(
     return loss, SuffixAux(final, grad_sum)
 
 
+# SATM's default share of differentiated inner steps: K = ceil(N / DEFAULT_TRUNCATION_DIVISOR)
+# (our choice: the description gives no value).
+DEFAULT_TRUNCATION_DIVISOR = 3
+
+
+def default_truncation(syn_steps: int) -> int:
+    """SATM's default ``K`` for ``N = syn_steps`` inner steps: ``max(1, ceil(N / 3))``."""
+    return max(1, -(-syn_steps // DEFAULT_TRUNCATION_DIVISOR))
+
+
 def num_prefix_steps(num_steps: int, truncate: int | None) -> int:
     """``N - K`` for truncation ``K`` (``None`` means exact, ``K = N``).
 

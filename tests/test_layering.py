@@ -71,3 +71,14 @@ def test_the_library_import_graph_has_no_cycle():
 def test_the_library_never_imports_the_experiments_or_the_tests():
     for p in PACKAGE.glob("*.py"):
         assert not {"experiments", "tests"} & _imports(p), p.name
+
+
+# The orchestration layer: presets and run configs, the pipeline, the continual protocol. The
+# numerical core and the data/model/storage modules below it never import it.
+ORCHESTRATION = {"configs", "pipeline", "continual"}
+
+
+def test_nothing_below_the_orchestration_layer_imports_it():
+    g = graph()
+    offenders = {m: sorted(d & ORCHESTRATION) for m, d in g.items() if m not in ORCHESTRATION}
+    assert not {m: d for m, d in offenders.items() if d}

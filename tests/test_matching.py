@@ -194,3 +194,7 @@ def test_bad_truncation_is_refused():
         matching.num_prefix_steps(5, 6)
     with pytest.raises(ValueError, match="truncate"):
         matching.num_prefix_steps(5, 0)
+
+
+def test_default_truncation_is_ceil_n_over_three_and_at_least_one():
+    assert [matching.default_truncation(n) for n in (1, 2, 3, 4, 20, 50)] == [1, 1, 1, 2, 7, 17]
