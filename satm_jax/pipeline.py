@@ -232,6 +232,22 @@ def ensure_experts(
     return store
 
 
+def load_expert_bank(store: experts_lib.ExpertStore, cfg: RunConfig, like: Any):
+    """The first ``cfg.experts.num_experts`` finished experts of ``store`` (a store may hold
+    more, e.g. one shared with a run that asked for more), epochs up to what matching reads.
+
+    Raises:
+      ExpertError: fewer finished experts than requested.
+    """
+    done = sorted(store.completed())
+    n = cfg.experts.num_experts
+    if len(done) < n:
+        raise experts_lib.ExpertError(
+            f"{store.directory} holds {len(done)} finished experts, the run needs {n}"
+        )
+    return store.load_bank(cfg.distill.max_epoch_needed, like=like, indices=done[:n])
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation helpers
 # --------------------------------------------------------------------------------------------
@@ -458,7 +474,7 @@ def distill_and_evaluate(
 
     model = models_lib.build_model(cfg.model, data.num_classes)
     like = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
-    bank = store.load_bank(cfg.distill.max_epoch_needed, like=like)
+    bank = load_expert_bank(store, cfg, like)
     augment_fn = augment_lib.make_augment(cfg.distill.dsa_strategy)
     apply_fn = models_lib.make_apply_fn(model)
     images0, labels0, logits0 = initial_set(cfg, data, apply_fn, bank, log)
@@ -570,7 +586,7 @@ def distill_and_evaluate(
                     apply_fn,
                     augment_fn,
                     bank,
-                    held.load_bank(cfg.distill.max_epoch_needed, like=like),
+                    load_expert_bank(held, heldout_config(cfg, flatness), like),
                 ),
             }
             outputs_lib.write_json(os.path.join(rundir, "flatness.json"), flat)

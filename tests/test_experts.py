@@ -265,3 +265,24 @@ def test_expert_sharpness_is_part_of_the_store_identity(tmp_path):
             dataclasses.replace(flat_cfg.experts, sharpness="smooth_sam"),
             augment.make_augment("none"),
         )
+
+
+def test_a_run_reads_only_as_many_experts_as_it_asks_for(tmp_path):
+    import dataclasses
+
+    from satm_jax import configs, pipeline
+
+    net, traj = _traj()
+    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=3, epochs=3)
+    for i in range(3):
+        store.save_expert(i, [jax.tree.map(lambda x, i=i: x + 10 * i, p) for p in traj])
+    cfg = configs.make_run_config(
+        "digits", 1, "mtt", overrides={"num_experts": 2, "max_start_epoch": 1}
+    )
+    bank = pipeline.load_expert_bank(store, cfg, traj[0])
+    assert bank.num_experts == 2  # not the store's 3
+    first = jax.tree.leaves(bank.params)[0]
+    np.testing.assert_allclose(first[1, 0], jax.tree.leaves(traj[0])[0] + 10)
+    more = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, num_experts=4))
+    with pytest.raises(experts.ExpertError, match="holds 3 finished experts, the run needs 4"):
+        pipeline.load_expert_bank(store, more, traj[0])
