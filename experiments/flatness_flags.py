@@ -36,8 +36,15 @@ def flatness_from_flags() -> flatness.FlatnessConfig | None:
     Raises:
       satm_jax.configs.ConfigError: settings that cannot be measured.
     """
-    if not FLAGS.flatness:
-        return None
+    return config_from_flags() if FLAGS.flatness else None
+
+
+def config_from_flags() -> flatness.FlatnessConfig:
+    """The ``--flatness_*`` settings, whether or not ``--flatness`` is given.
+
+    Raises:
+      satm_jax.configs.ConfigError: settings that cannot be measured.
+    """
     try:
         return knobs.dataclass_from_flags(flatness.FlatnessConfig, PREFIX).validate()
     except ValueError as e:

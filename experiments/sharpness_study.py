@@ -1,0 +1,293 @@
+r"""The sharpness study: SATM's SAM radius on a log grid, for the global and the per-image
+ball, against MTT and MTT with the truncated hypergradient, with the flatness of every set.
+
+Every point is one ``experiments.run`` configuration per seed, in its own folder
+``<workdir>/<point>_s<seed>/`` (the experts are shared through ``<workdir>/experts``);
+finished points are reused, so a killed study resumes. Points: ``mtt``, ``mtt_tuh`` (MTT with
+``K = ceil(N/3)``), and ``satm_<ball>_r<rho>`` for every radius and ball, the radius relative to
+the set's norm by default (``--rho_scale``). Any flag of ``experiments.run`` applies to every
+point; ``--flatness`` is always on (its ``--flatness_*`` flags apply).
+
+Example (digits, one seed, 2-core CPU; docs/SHARPNESS.md has the measured figures)::
+
+    python -m experiments.sharpness_study --dataset=digits --ipc=10 \
+        --radii=0.001,0.01,0.03,0.1 --balls=global,per_example --seeds=0 --workdir=./sharp
+
+writes ``sharpness.json`` (rows and per-point aggregates), ``sharpness.md`` (the table),
+``sharpness_accuracy.png`` (accuracy against radius) and ``sharpness_flatness.png``
+(flatness against radius) in the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import errors, flatness_flags
+from experiments import run as run_lib
+from satm_jax import configs as configs_lib
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_list("radii", ["0.001", "0.01", "0.03", "0.1"], "SAM radii of the SATM points.")
+flags.DEFINE_list("balls", ["global", "per_example"], "Balls of the SATM points.")
+flags.DEFINE_list("seeds", ["0"], "Distillation seeds; every point runs once per seed.")
+
+BALL_LABELS = {"global": "global", "per_example": "perimg"}
+FLATNESS_KEYS = ("worst_case_increase_rel", "hessian_top_eig", "generalisation_gap")
+
+
+def points(radii: list[float], balls: list[str], rho_scale: str) -> list[tuple[str, str, dict]]:
+    """``(name, method, overrides)`` of every point of the study."""
+    out = [("mtt", "mtt", {}), ("mtt_tuh", "mtt", {"hypergrad": "truncated"})]
+    for ball in balls:
+        if ball not in BALL_LABELS:
+            raise configs_lib.ConfigError(f"unknown ball {ball!r}; choose from {list(BALL_LABELS)}")
+        for r in radii:
+            o = {"rho": r, "rho_scale": rho_scale}
+            if ball != "global":
+                o["rho_ball"] = ball
+            out.append((f"satm_{BALL_LABELS[ball]}_r{r:g}", "satm", o))
+    return out
+
+
+def run_study(
+    dataset: str,
+    ipc: int,
+    preset: str,
+    overrides: dict,
+    data_dir: str | None,
+    radii: list[float],
+    balls: list[str],
+    seeds: list[int],
+    flatness_cfg,
+    workdir: str,
+    *,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Runs (or reuses) every point for every seed; returns ``{"rows": [...], "points": [...]}``
+    with the condensed set's row of each run (its ``flatness`` object included) and the
+    per-point aggregates of ``aggregate``."""
+    from satm_jax import data as data_lib
+    from satm_jax import outputs, pipeline
+
+    scale = overrides.pop("rho_scale", "relative")
+    dataset_obj = data_lib.load_dataset(dataset, data_dir=data_dir)
+    os.makedirs(os.path.join(workdir, "experts"), exist_ok=True)
+    rows = []
+    for name, method, point in points(radii, balls, scale):
+        for s in seeds:
+            pdir = os.path.join(workdir, f"{name}_s{s}")
+            os.makedirs(pdir, exist_ok=True)
+            link = os.path.join(pdir, "experts")
+            if not os.path.lexists(link):
+                os.symlink(os.path.abspath(os.path.join(workdir, "experts")), link)
+            cfg = configs_lib.make_run_config(
+                dataset, ipc, method, preset, {**overrides, **point, "seed": s}, data_dir
+            )
+            out = pipeline.train_and_evaluate(
+                [cfg],
+                pdir,
+                dataset=dataset_obj,
+                baselines=False,
+                progress=progress,
+                log=log,
+                flatness=flatness_cfg,
+            )
+            row = dict(out["results"][0], point=name, seed=s)
+            metrics = outputs.read_metrics(os.path.join(pdir, "runs", cfg.name))
+            sharp = [m["sharpness"] for m in metrics if "sharpness" in m]
+            if sharp:  # the run's own per-iteration sharpness, mean over its last tenth
+                row["sharpness_last_tenth"] = float(np.mean(sharp[-max(1, len(sharp) // 10) :]))
+            rows.append(row)
+    return {"rows": rows, "points": aggregate(rows)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per point: accuracy over seeds (mean, sample std of the seeds' means), the paired
+    difference to MTT at the same seed, and each flatness measure over seeds."""
+    mtt = {r["seed"]: r["acc_mean"] for r in rows if r["point"] == "mtt"}
+    out = []
+    for name in dict.fromkeys(r["point"] for r in rows):
+        rs = [r for r in rows if r["point"] == name]
+        acc = _mean_std([r["acc_mean"] for r in rs])
+        entry = {"point": name, "seeds": len(rs), "acc_mean": acc[0], "acc_std": acc[1]}
+        paired = [r["acc_mean"] - mtt[r["seed"]] for r in rs if r["seed"] in mtt]
+        if paired:
+            entry["vs_mtt_mean"], entry["vs_mtt_std"] = _mean_std(paired)
+        for k in FLATNESS_KEYS:
+            vals = [r["flatness"][k] for r in rs if "flatness" in r]
+            if vals:
+                entry[k], entry[k + "_std"] = _mean_std(vals)
+        sh = [r["sharpness_last_tenth"] for r in rs if "sharpness_last_tenth" in r]
+        if sh:
+            entry["sharpness_last_tenth"] = float(np.mean(sh))
+        entry["distill_s"] = float(np.mean([r.get("distill_s", np.nan) for r in rs]))
+        out.append(entry)
+    return out
+
+
+def _radius_of(name: str) -> float | None:
+    return float(name.rsplit("_r", 1)[1]) if name.startswith("satm_") else None
+
+
+def format_markdown(study: dict, command: str, wall_s: float) -> str:
+    lines = [
+        "Command: `" + command + "`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores; date "
+        f"{time.strftime('%Y-%m-%d')}; wall {wall_s:.0f} s (this call; reused points cost "
+        "nothing).  ",
+        "Accuracy: mean +- sample std over seeds of each seed's mean over its evaluation "
+        "networks; vs MTT: paired difference at the same seed. Flatness (held-out experts): "
+        "worst-case loss increase in the ball over the held-out loss, top Hessian eigenvalue, "
+        "held-out minus sampled loss. Sharpness: the run's own L(X+eps) - L(X), last tenth.",
+        "",
+        "| point | seeds | accuracy | vs MTT | worst-case rel | top eig | gen. gap | sharpness |"
+        " distill s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(e, k, fmt="{:.4g}"):
+        if k not in e:
+            return "-"
+        std = e.get(k + "_std")
+        return fmt.format(e[k]) + (f" +- {fmt.format(std)}" if std else "")
+
+    for e in study["points"]:
+        vs = "-"
+        if "vs_mtt_mean" in e and e["point"] != "mtt":
+            vs = f"{e['vs_mtt_mean']:+.2f} +- {e['vs_mtt_std']:.2f}"
+        sharp = f"{e['sharpness_last_tenth']:.3g}" if "sharpness_last_tenth" in e else "-"
+        cells = [
+            e["point"],
+            str(e["seeds"]),
+            f"{e['acc_mean']:.2f} +- {e['acc_std']:.2f}",
+            vs,
+            *(cell(e, k) for k in FLATNESS_KEYS),
+            sharp,
+            f"{e['distill_s']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: dict, workdir: str) -> list[str]:
+    """``sharpness_accuracy.png`` and ``sharpness_flatness.png``: one line per ball against
+    the radius (log scale), MTT and MTT + TUH as horizontal bands."""
+    from matplotlib.figure import Figure
+
+    pts = study["points"]
+    refs = {e["point"]: e for e in pts if e["point"] in ("mtt", "mtt_tuh")}
+    series: dict[str, list[dict]] = {}
+    for e in pts:
+        r = _radius_of(e["point"])
+        if r is not None:
+            series.setdefault(e["point"].split("_")[1], []).append({**e, "radius": r})
+    paths = []
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    for ball, es in series.items():
+        es = sorted(es, key=lambda e: e["radius"])
+        ax.errorbar(
+            [e["radius"] for e in es],
+            [e["acc_mean"] for e in es],
+            yerr=[e["acc_std"] for e in es],
+            marker="o",
+            capsize=3,
+            label=f"SATM, {ball} ball",
+        )
+    for name, e in refs.items():
+        line = ax.axhline(e["acc_mean"], ls="--", lw=1, label=name.replace("_", " + "))
+        ax.axhspan(
+            e["acc_mean"] - e["acc_std"],
+            e["acc_mean"] + e["acc_std"],
+            alpha=0.1,
+            color=line.get_color(),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("rho (relative to ||X||)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "sharpness_accuracy.png"))
+    fig.savefig(paths[-1])
+
+    fig = Figure(figsize=(10, 3.2))
+    for i, k in enumerate(FLATNESS_KEYS):
+        ax = fig.add_subplot(1, len(FLATNESS_KEYS), i + 1)
+        for ball, es in series.items():
+            es = sorted((e for e in es if k in e), key=lambda e: e["radius"])
+            ax.errorbar(
+                [e["radius"] for e in es],
+                [e[k] for e in es],
+                yerr=[e.get(k + "_std", 0.0) for e in es],
+                marker="o",
+                capsize=3,
+                label=ball,
+            )
+        for name, e in refs.items():
+            if k in e:
+                ax.axhline(e[k], ls="--", lw=1, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("rho (relative)")
+        ax.set_title(k, fontsize=8)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "sharpness_flatness.png"))
+    fig.savefig(paths[-1])
+    return paths
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from satm_jax import outputs
+
+    t0 = time.time()
+    try:
+        radii = [float(r) for r in FLAGS.radii]
+        seeds = [int(s) for s in FLAGS.seeds]
+        ipcs = run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset)
+        if len(ipcs) != 1:
+            raise configs_lib.ConfigError("the sharpness study takes one --ipc")
+        flat = flatness_flags.config_from_flags()  # always on here
+        study = run_study(
+            FLAGS.dataset,
+            ipcs[0],
+            FLAGS.preset,
+            run_lib.overrides_from_flags(),
+            FLAGS.data_dir,
+            radii,
+            FLAGS.balls,
+            seeds,
+            flat,
+            FLAGS.workdir,
+            progress=FLAGS.progress,
+        )
+    except (*errors.user_errors(), ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "python -m experiments.sharpness_study " + " ".join(sys.argv[1:])
+    md = format_markdown(study, command, time.time() - t0)
+    with open(os.path.join(FLAGS.workdir, "sharpness.md"), "w") as f:
+        f.write(md)
+    outputs.write_json(os.path.join(FLAGS.workdir, "sharpness.json"), {"command": command, **study})
+    plot(study, FLAGS.workdir)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,92 @@
+"""experiments.sharpness_study: its grid, its arithmetic, and a tiny study end to end."""
+
+import os
+
+import pytest
+
+from experiments import sharpness_study as study_lib
+from satm_jax import flatness
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+def test_points_cover_mtt_truncated_mtt_and_every_radius_and_ball():
+    pts = study_lib.points([0.01, 0.1], ["global", "per_example"], "relative")
+    assert [p[0] for p in pts] == [
+        "mtt",
+        "mtt_tuh",
+        "satm_global_r0.01",
+        "satm_global_r0.1",
+        "satm_perimg_r0.01",
+        "satm_perimg_r0.1",
+    ]
+    assert pts[1][2] == {"hypergrad": "truncated"}
+    assert pts[4][2] == {"rho": 0.01, "rho_scale": "relative", "rho_ball": "per_example"}
+
+
+def test_aggregate_pairs_each_seed_with_mtt_at_the_same_seed():
+    f = lambda w: {"worst_case_increase_rel": w, "hessian_top_eig": 1.0, "generalisation_gap": 0.1}  # noqa: E731
+    rows = [
+        {"point": "mtt", "seed": 0, "acc_mean": 70.0, "flatness": f(0.2), "distill_s": 10},
+        {"point": "mtt", "seed": 1, "acc_mean": 72.0, "flatness": f(0.4), "distill_s": 10},
+        {
+            "point": "satm_global_r0.1",
+            "seed": 0,
+            "acc_mean": 71.0,
+            "flatness": f(0.1),
+            "distill_s": 20,
+        },
+        {
+            "point": "satm_global_r0.1",
+            "seed": 1,
+            "acc_mean": 72.5,
+            "flatness": f(0.3),
+            "distill_s": 20,
+        },
+    ]
+    mtt, satm = study_lib.aggregate(rows)
+    assert mtt["acc_mean"] == pytest.approx(71.0) and mtt["acc_std"] == pytest.approx(2**0.5)
+    assert satm["vs_mtt_mean"] == pytest.approx(0.75)  # (+1.0, +0.5)
+    assert satm["vs_mtt_std"] == pytest.approx(0.5 / 2**0.5)
+    assert satm["worst_case_increase_rel"] == pytest.approx(0.2)
+    md = study_lib.format_markdown({"points": [mtt, satm]}, "cmd", 1.0)
+    assert "| satm_global_r0.1 | 2 | 71.75 +- 1.06 | +0.75 +- 0.35 |" in md
+
+
+@pytest.mark.slow
+def test_a_tiny_study_runs_reports_and_resumes(tmp_path, digits, monkeypatch):
+    from satm_jax import data
+
+    monkeypatch.setattr(data, "load_dataset", lambda name, data_dir=None: digits)
+    tiny = {
+        "iterations": 2,
+        "syn_steps": 3,
+        "num_experts": 2,
+        "expert_train_epochs": 2,
+        "max_start_epoch": 1,
+        "expert_epochs": 1,
+        "eval_epochs": 2,
+        "num_eval": 1,
+        "width": 4,
+        "depth": 1,
+        "steps_per_call": 2,
+    }
+    flat = flatness.FlatnessConfig(heldout_experts=1, samples=1, ascent_steps=1, power_iterations=1)
+    wd = str(tmp_path)
+    args = ("digits", 1, "default", dict(tiny), None, [0.05], ["per_example"], [0], flat)
+    logs = []
+    study = study_lib.run_study(*args, wd, progress=False, log=logs.append)
+    assert [r["point"] for r in study["rows"]] == ["mtt", "mtt_tuh", "satm_perimg_r0.05"]
+    assert all("flatness" in r for r in study["rows"])
+    assert (
+        "sharpness_last_tenth" in study["rows"][2]
+        and "sharpness_last_tenth" not in study["rows"][0]
+    )
+    # one expert store for every point (and one held-out store)
+    assert len(os.listdir(os.path.join(wd, "experts"))) == 2
+    paths = study_lib.plot(study, wd)
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    logs.clear()
+    again = study_lib.run_study(*args, wd, progress=False, log=logs.append)
+    assert sum("finished earlier" in x for x in logs) == 3
+    assert [r["acc_mean"] for r in again["rows"]] == [r["acc_mean"] for r in study["rows"]]
