@@ -389,13 +389,28 @@ def sample_iteration(
     """Draws the expert, start epoch, minibatches and augmentation keys; advances the key."""
     key, k_exp, k_batch = jax.random.split(state.key, 3)
     max_start = current_max_start(cfg, state.iteration)
+    start, target, e, t, batches = draw_trajectory(
+        bank, k_exp, k_batch, cfg, state.images.shape[0], max_start
+    )
+    return IterationSample(key, start, target, e, t, batches)
+
+
+def draw_trajectory(
+    bank: experts_lib.ExpertBank,
+    k_exp: Array,
+    k_batch: Array,
+    cfg: DistillConfig,
+    num_syn: int,
+    max_start: Array | int,
+) -> tuple[Params, Params, Array, Array, matching.StudentBatches]:
+    """One draw of what an outer iteration matches: ``(start, target, expert, start_epoch,
+    batches)``, the expert and start epoch from ``k_exp``, the minibatches and augmentation
+    keys from ``k_batch``."""
     start, target, e, t = experts_lib.sample_start_target(
         bank, k_exp, cfg.min_start_epoch, max_start, cfg.expert_epochs
     )
-    batches = matching.sample_student_batches(
-        k_batch, state.images.shape[0], cfg.batch_syn, cfg.syn_steps
-    )
-    return IterationSample(key, start, target, e, t, batches)
+    batches = matching.sample_student_batches(k_batch, num_syn, cfg.batch_syn, cfg.syn_steps)
+    return start, target, e, t, batches
 
 
 def calibrate_step_size(
@@ -418,10 +433,9 @@ def calibrate_step_size(
 
     def sample_fn(key):
         k_exp, k_batch = jax.random.split(key)
-        start, target, _, _ = experts_lib.sample_start_target(
-            bank, k_exp, cfg.min_start_epoch, max_start, cfg.expert_epochs
+        start, target, _, _, batches = draw_trajectory(
+            bank, k_exp, k_batch, cfg, num_syn, max_start
         )
-        batches = matching.sample_student_batches(k_batch, num_syn, cfg.batch_syn, cfg.syn_steps)
         return start, target, batches
 
     moments_fn = step_size.make_moments_fn(apply_fn, augment_fn, sample_fn)
