@@ -40,6 +40,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import run as run_lib
+from experiments import seed_flags  # noqa: F401  (--seeds)
 from satm_jax import configs as configs_lib
 from satm_jax import matching
 
@@ -61,7 +62,6 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 flags.DEFINE_list("variants", None, f"Variants to run (default all): {', '.join(VARIANTS)}.")
-flags.DEFINE_list("seeds", ["0"], "Distillation seeds; each variant runs once per seed.")
 
 
 def variant_config(base: configs_lib.RunConfig, variant: str, seed: int) -> configs_lib.RunConfig:

@@ -28,7 +28,11 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import errors, flatness_flags
+from experiments import (
+    errors,
+    flatness_flags,
+    seed_flags,  # noqa: F401  (--seeds)
+)
 from experiments import run as run_lib
 from satm_jax import configs as configs_lib
 
@@ -36,7 +40,6 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_list("radii", ["0.001", "0.01", "0.03", "0.1"], "SAM radii of the SATM points.")
 flags.DEFINE_list("balls", ["global", "per_example"], "Balls of the SATM points.")
-flags.DEFINE_list("seeds", ["0"], "Distillation seeds; every point runs once per seed.")
 
 BALL_LABELS = {"global": "global", "per_example": "perimg"}
 FLATNESS_KEYS = ("worst_case_increase_rel", "hessian_top_eig", "generalisation_gap")
