@@ -488,6 +488,12 @@ def distill_and_evaluate(
         resumable=configs_lib.RESUMABLE_CHANGES,
     )
     state = ckpt.restore_latest(state, log=log)
+    if int(state.iteration) > cfg.distill.iterations:
+        raise ConfigError(
+            f"{rundir} holds a run already at iteration {int(state.iteration)}, past the "
+            f"{cfg.distill.iterations} iterations asked for; its state there is not kept. "
+            "Ask for at least as many iterations, or use another --workdir."
+        )
     if int(state.iteration) == 0 and cfg.distill.lr_init == "closed_form":
         state, history = distill_lib.calibrate_step_size(
             state, bank, apply_fn, augment_fn, cfg.distill

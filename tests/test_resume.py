@@ -179,3 +179,19 @@ def test_load_distilled_rejects_other_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable"):
         satm_jax.load_distilled(str(tmp_path / "junk.npz"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_past_the_requested_iterations_is_refused_not_reported(tmp_path, digits):
+    import dataclasses
+
+    from satm_jax import pipeline
+
+    tiny = {"iterations": 4, "syn_steps": 2, "num_experts": 1, "expert_train_epochs": 2}
+    tiny.update(max_start_epoch=1, expert_epochs=1, eval_epochs=1, num_eval=1, width=4, depth=1)
+    cfg = configs.make_run_config("digits", 1, "mtt", overrides={**tiny, "checkpoint_every": 2})
+    quiet = dict(dataset=digits, baselines=False, progress=False, log=lambda m: None)
+    pipeline.train_and_evaluate([cfg], str(tmp_path), **quiet)
+    fewer = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, iterations=2))
+    with pytest.raises(configs.ConfigError, match="already at iteration 4, past the 2"):
+        pipeline.train_and_evaluate([fewer], str(tmp_path), **quiet)
