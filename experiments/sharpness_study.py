@@ -40,18 +40,24 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_list("radii", ["0.001", "0.01", "0.03", "0.1"], "SAM radii of the SATM points.")
 flags.DEFINE_list("balls", ["global", "per_example"], "Balls of the SATM points.")
+flags.DEFINE_list(
+    "per_example_radii", None, "Radii of the per-image ball's points (default: --radii)."
+)
 
 BALL_LABELS = {"global": "global", "per_example": "perimg"}
 FLATNESS_KEYS = ("worst_case_increase_rel", "hessian_top_eig", "generalisation_gap")
 
 
-def points(radii: list[float], balls: list[str], rho_scale: str) -> list[tuple[str, str, dict]]:
-    """``(name, method, overrides)`` of every point of the study."""
+def points(
+    radii: list[float] | dict[str, list[float]], balls: list[str], rho_scale: str
+) -> list[tuple[str, str, dict]]:
+    """``(name, method, overrides)`` of every point of the study (``radii``: one grid, or one
+    per ball)."""
     out = [("mtt", "mtt", {}), ("mtt_tuh", "mtt", {"hypergrad": "truncated"})]
     for ball in balls:
         if ball not in BALL_LABELS:
             raise configs_lib.ConfigError(f"unknown ball {ball!r}; choose from {list(BALL_LABELS)}")
-        for r in radii:
+        for r in radii[ball] if isinstance(radii, dict) else radii:
             o = {"rho": r, "rho_scale": rho_scale}
             if ball != "global":
                 o["rho_ball"] = ball
@@ -65,7 +71,7 @@ def run_study(
     preset: str,
     overrides: dict,
     data_dir: str | None,
-    radii: list[float],
+    radii: list[float] | dict[str, list[float]],
     balls: list[str],
     seeds: list[int],
     flatness_cfg,
@@ -126,6 +132,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         rs = [r for r in rows if r["point"] == name]
         acc = _mean_std([r["acc_mean"] for r in rs])
         entry = {"point": name, "seeds": len(rs), "acc_mean": acc[0], "acc_std": acc[1]}
+        entry["net_std"] = float(np.mean([r.get("acc_std", np.nan) for r in rs]))
         paired = [r["acc_mean"] - mtt[r["seed"]] for r in rs if r["seed"] in mtt]
         if paired:
             entry["vs_mtt_mean"], entry["vs_mtt_std"] = _mean_std(paired)
@@ -152,7 +159,8 @@ def format_markdown(study: dict, command: str, wall_s: float) -> str:
         f"{time.strftime('%Y-%m-%d')}; wall {wall_s:.0f} s (this call; reused points cost "
         "nothing).  ",
         "Accuracy: mean +- sample std over seeds of each seed's mean over its evaluation "
-        "networks; vs MTT: paired difference at the same seed. Flatness (held-out experts): "
+        "networks (with one seed: the networks' std); vs MTT: paired difference at the same "
+        "seed. Flatness (held-out experts): "
         "worst-case loss increase in the ball over the held-out loss, top Hessian eigenvalue, "
         "held-out minus sampled loss. Sharpness: the run's own L(X+eps) - L(X), last tenth.",
         "",
@@ -172,10 +180,15 @@ def format_markdown(study: dict, command: str, wall_s: float) -> str:
         if "vs_mtt_mean" in e and e["point"] != "mtt":
             vs = f"{e['vs_mtt_mean']:+.2f} +- {e['vs_mtt_std']:.2f}"
         sharp = f"{e['sharpness_last_tenth']:.3g}" if "sharpness_last_tenth" in e else "-"
+        if e["seeds"] > 1:
+            acc = f"{e['acc_mean']:.2f} +- {e['acc_std']:.2f}"
+        else:  # no spread over seeds: show the evaluation networks' instead
+            acc = f"{e['acc_mean']:.2f} (nets +- {e['net_std']:.2f})"
+            vs = vs.split(" +-")[0]
         cells = [
             e["point"],
             str(e["seeds"]),
-            f"{e['acc_mean']:.2f} +- {e['acc_std']:.2f}",
+            acc,
             vs,
             *(cell(e, k) for k in FLATNESS_KEYS),
             sharp,
@@ -192,6 +205,7 @@ def plot(study: dict, workdir: str) -> list[str]:
 
     pts = study["points"]
     refs = {e["point"]: e for e in pts if e["point"] in ("mtt", "mtt_tuh")}
+    ref_style = {"mtt": dict(ls="--", color="k"), "mtt_tuh": dict(ls=":", color="0.45")}
     series: dict[str, list[dict]] = {}
     for e in pts:
         r = _radius_of(e["point"])
@@ -205,18 +219,19 @@ def plot(study: dict, workdir: str) -> list[str]:
         ax.errorbar(
             [e["radius"] for e in es],
             [e["acc_mean"] for e in es],
-            yerr=[e["acc_std"] for e in es],
+            yerr=[e["acc_std"] if e["seeds"] > 1 else e["net_std"] for e in es],
             marker="o",
             capsize=3,
             label=f"SATM, {ball} ball",
         )
     for name, e in refs.items():
-        line = ax.axhline(e["acc_mean"], ls="--", lw=1, label=name.replace("_", " + "))
+        ax.axhline(e["acc_mean"], lw=1, label=name.replace("_", " + "), **ref_style[name])
+        spread = e["acc_std"] if e["seeds"] > 1 else e["net_std"]
         ax.axhspan(
-            e["acc_mean"] - e["acc_std"],
-            e["acc_mean"] + e["acc_std"],
-            alpha=0.1,
-            color=line.get_color(),
+            e["acc_mean"] - spread,
+            e["acc_mean"] + spread,
+            alpha=0.08,
+            color=ref_style[name]["color"],
         )
     ax.set_xscale("log")
     ax.set_xlabel("rho (relative to ||X||)")
@@ -241,7 +256,7 @@ def plot(study: dict, workdir: str) -> list[str]:
             )
         for name, e in refs.items():
             if k in e:
-                ax.axhline(e[k], ls="--", lw=1, label=name)
+                ax.axhline(e[k], lw=1, label=name, **ref_style[name])
         ax.set_xscale("log")
         ax.set_xlabel("rho (relative)")
         ax.set_title(k, fontsize=8)
@@ -260,7 +275,10 @@ def main(argv):
 
     t0 = time.time()
     try:
-        radii = [float(r) for r in FLAGS.radii]
+        radii = {
+            "global": [float(r) for r in FLAGS.radii],
+            "per_example": [float(r) for r in (FLAGS.per_example_radii or FLAGS.radii)],
+        }
         seeds = [int(s) for s in FLAGS.seeds]
         ipcs = run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset)
         if len(ipcs) != 1:

@@ -90,3 +90,10 @@ def test_a_tiny_study_runs_reports_and_resumes(tmp_path, digits, monkeypatch):
     again = study_lib.run_study(*args, wd, progress=False, log=logs.append)
     assert sum("finished earlier" in x for x in logs) == 3
     assert [r["acc_mean"] for r in again["rows"]] == [r["acc_mean"] for r in study["rows"]]
+
+
+def test_each_ball_can_have_its_own_radius_grid():
+    pts = study_lib.points(
+        {"global": [0.1], "per_example": [0.01, 0.1]}, ["global", "per_example"], "relative"
+    )
+    assert [p[0] for p in pts[2:]] == ["satm_global_r0.1", "satm_perimg_r0.01", "satm_perimg_r0.1"]
