@@ -42,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from satm_jax import distill as distill_lib
 from satm_jax import experts as experts_lib
 from satm_jax import matching
 from satm_jax import sharpness as sharpness_lib
@@ -197,26 +198,23 @@ def draw_trajectories(
     key: Array,
     samples: int,
     num_syn: int,
-    *,
-    syn_steps: int,
-    expert_epochs: int,
-    min_start_epoch: int,
-    max_start_epoch: int,
-    batch_syn: int | None,
+    cfg: distill_lib.DistillConfig,
 ) -> dict[str, Any]:
-    """``samples`` trajectories drawn as the outer loop draws them, stacked on a leading axis.
+    """``samples`` trajectories drawn as the outer loop draws them
+    (``satm_jax.distill.draw_trajectory`` with ``cfg``'s matching window at its last
+    iteration), stacked on a leading axis.
 
     The expert/start draw and the minibatch/augmentation draw use separate keys, so two banks
     drawn with the same key share the minibatches and augmentations (a paired comparison).
     """
     keys = jax.random.split(key, samples)
+    max_start = distill_lib.current_max_start(cfg, jnp.asarray(cfg.iterations, jnp.int32))
 
     def one(k):
         k_exp, k_batch = jax.random.split(k)
-        start, target, _, _ = experts_lib.sample_start_target(
-            bank, k_exp, min_start_epoch, max_start_epoch, expert_epochs
+        start, target, _, _, batches = distill_lib.draw_trajectory(
+            bank, k_exp, k_batch, cfg, num_syn, max_start
         )
-        batches = matching.sample_student_batches(k_batch, num_syn, batch_syn, syn_steps)
         return {"start": start, "target": target, "batches": batches}
 
     return jax.vmap(one)(keys)

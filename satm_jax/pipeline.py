@@ -579,9 +579,8 @@ def distill_and_evaluate(
     if flatness is not None:
         flat = outputs_lib.read_json(os.path.join(rundir, "flatness.json"))
         if flat is None or flat.get("config") != flat_id:
-            held = ensure_experts(
-                heldout_config(cfg, flatness), data, workdir, progress=progress, log=log
-            )
+            held_cfg = heldout_config(cfg, flatness)
+            held = ensure_experts(held_cfg, data, workdir, progress=progress, log=log)
             flat = {
                 "config": flat_id,
                 **measure_flatness(
@@ -592,7 +591,7 @@ def distill_and_evaluate(
                     apply_fn,
                     augment_fn,
                     bank,
-                    load_expert_bank(held, heldout_config(cfg, flatness), like),
+                    load_expert_bank(held, held_cfg, like),
                 ),
             }
             outputs_lib.write_json(os.path.join(rundir, "flatness.json"), flat)
@@ -681,20 +680,11 @@ def measure_flatness(
     size on ``flatness.samples`` trajectories drawn alike (same key, so the same minibatches
     and augmentations) from the sampled and the held-out experts."""
     d = cfg.distill
-    draw = dict(
-        syn_steps=d.syn_steps,
-        expert_epochs=d.expert_epochs,
-        min_start_epoch=d.min_start_epoch,
-        max_start_epoch=d.max_start_epoch_final or d.max_start_epoch,
-        batch_syn=d.batch_syn,
-    )
     key = jax.random.PRNGKey(flatness.seed)
     targets = distill_lib.label_targets(state.labels, d.soft_labels)
 
     def loss_on(bank):
-        traj = flatness_lib.draw_trajectories(
-            bank, key, flatness.samples, int(images.shape[0]), **draw
-        )
+        traj = flatness_lib.draw_trajectories(bank, key, flatness.samples, int(images.shape[0]), d)
         return flatness_lib.fixed_matching_loss(
             apply_fn, targets, state.syn_lr, traj, augment_fn=augment_fn, remat=d.remat
         )

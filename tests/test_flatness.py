@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import augment, flatness, matching
+from satm_jax import augment, distill, flatness, matching
 from tests.helpers import synthetic_bank, tiny_problem, x64
 
 B = np.array(
@@ -72,15 +72,17 @@ def test_per_example_ball_bounds_every_slice():
 
 def _bank_problem(res=8):
     _, apply_fn, params, _, images, labels = tiny_problem(n=4, res=res)
-    kw = dict(syn_steps=3, expert_epochs=1, min_start_epoch=0, max_start_epoch=2, batch_syn=None)
-    return apply_fn, params, images, labels, kw
+    cfg = distill.DistillConfig(
+        syn_steps=3, expert_epochs=1, min_start_epoch=0, max_start_epoch=2, batch_syn=None
+    )
+    return apply_fn, params, images, labels, cfg
 
 
 def test_fixed_matching_loss_is_the_mean_over_its_drawn_trajectories():
-    apply_fn, params, images, labels, kw = _bank_problem()
+    apply_fn, params, images, labels, dcfg = _bank_problem()
     bank = synthetic_bank(params, num_experts=2, epochs=4)
     aug = augment.make_augment("crop_flip")
-    traj = flatness.draw_trajectories(bank, jax.random.PRNGKey(3), 3, images.shape[0], **kw)
+    traj = flatness.draw_trajectories(bank, jax.random.PRNGKey(3), 3, images.shape[0], dcfg)
     lr = jnp.asarray(0.05, jnp.float32)
     f = flatness.fixed_matching_loss(apply_fn, labels, lr, traj, augment_fn=aug)
     by_hand = np.mean(
@@ -102,7 +104,7 @@ def test_fixed_matching_loss_is_the_mean_over_its_drawn_trajectories():
     assert float(f(images)) == float(f(images))  # deterministic
     # another bank, same key: the same minibatches and augmentation keys (a paired draw)
     other = synthetic_bank(params, num_experts=2, epochs=4, seed=9)
-    traj2 = flatness.draw_trajectories(other, jax.random.PRNGKey(3), 3, images.shape[0], **kw)
+    traj2 = flatness.draw_trajectories(other, jax.random.PRNGKey(3), 3, images.shape[0], dcfg)
     np.testing.assert_array_equal(traj2["batches"].keys, traj["batches"].keys)
     assert not np.allclose(jax.tree.leaves(traj2["start"])[0], jax.tree.leaves(traj["start"])[0])
 
@@ -110,7 +112,7 @@ def test_fixed_matching_loss_is_the_mean_over_its_drawn_trajectories():
 @pytest.mark.slow
 def test_measure_on_a_tiny_set_against_its_dense_hessian():
     with x64():
-        apply_fn, params, images, labels, kw = _bank_problem(res=4)
+        apply_fn, params, images, labels, dcfg = _bank_problem(res=4)
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         images = images.astype(jnp.float64)
         aug = augment.make_augment("none")
@@ -118,7 +120,7 @@ def test_measure_on_a_tiny_set_against_its_dense_hessian():
 
         def loss_on(seed):
             bank = synthetic_bank(params, num_experts=2, epochs=4, seed=seed)
-            t = flatness.draw_trajectories(bank, jax.random.PRNGKey(1), 2, 4, **kw)
+            t = flatness.draw_trajectories(bank, jax.random.PRNGKey(1), 2, 4, dcfg)
             return flatness.fixed_matching_loss(apply_fn, labels, lr, t, augment_fn=aug)
 
         sampled, held = loss_on(0), loss_on(5)
