@@ -198,20 +198,10 @@ class DistillConfig:
             raise ValueError(
                 f"sharpness must be one of {sharpness_lib.SHARPNESS}, got {self.sharpness!r}"
             )
-        for name, choices in (
-            ("rho_ball", sharpness_lib.BALLS),
-            ("rho_scale", sharpness_lib.RADII),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.sharpness in ("none", "asam") and (self.rho_ball, self.rho_scale) != (
-            "global",
-            "absolute",
-        ):
-            raise ValueError(
-                f"rho_ball/rho_scale apply to sam, gsam and smooth_sam, not sharpness="
-                f"{self.sharpness!r}"
-            )
+        try:
+            sharpness_lib.check_ball(self.rho_ball, self.rho_scale, self.sharpness)
+        except ValueError as e:
+            raise ValueError(f"rho_ball/rho_scale: {e}") from None
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None, got {self.batch_syn}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

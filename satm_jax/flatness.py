@@ -81,11 +81,10 @@ class FlatnessConfig:
             raise ValueError("flatness needs heldout_experts >= 1 and samples >= 1")
         if not self.radius > 0 or self.ascent_steps < 1 or self.power_iterations < 1:
             raise ValueError("flatness needs radius > 0, ascent_steps >= 1, power_iterations >= 1")
-        if self.ball not in sharpness_lib.BALLS or self.radius_scale not in sharpness_lib.RADII:
-            raise ValueError(
-                f"flatness ball must be one of {sharpness_lib.BALLS} and radius_scale one of "
-                f"{sharpness_lib.RADII}, got {self.ball!r}, {self.radius_scale!r}"
-            )
+        try:
+            sharpness_lib.check_ball(self.ball, self.radius_scale)
+        except ValueError as e:
+            raise ValueError(f"flatness ball/radius_scale: {e}") from None
         return self
 
     def identity(self) -> dict[str, Any]:

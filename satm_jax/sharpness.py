@@ -104,11 +104,17 @@ BALLS = ("global", "per_example")
 RADII = ("absolute", "relative")
 
 
-def _check_ball(ball: str, radius: str) -> None:
+def check_ball(ball: str, radius: str, sharpness: str | None = None) -> None:
+    """Raises ``ValueError`` for an unknown ``ball``/``radius``, or (with ``sharpness``, a
+    ``SHARPNESS`` name) for ball options on a transform that does not take them."""
     if ball not in BALLS:
         raise ValueError(f"unknown ball {ball!r}; choose one of {BALLS}")
     if radius not in RADII:
         raise ValueError(f"unknown radius {radius!r}; choose one of {RADII}")
+    if sharpness in ("none", "asam") and (ball, radius) != ("global", "absolute"):
+        raise ValueError(
+            f"sharpness {sharpness!r} takes no ball/radius options (got {ball}, {radius})"
+        )
 
 
 def example_norms(x: jax.Array) -> jax.Array:
@@ -146,7 +152,7 @@ def sam_perturbation(
       >>> [round(float(v), 4) for v in eps.ravel()]  # rows of length 0.5 * ||x_i||
       [0.3, 0.4, 0.0, 1.0]
     """
-    _check_ball(ball, radius)
+    check_ball(ball, radius)
     if radius == "relative" and params is None:
         raise ValueError("radius='relative' needs params")
     if ball == "global":
@@ -222,7 +228,7 @@ def sam(
     Reference: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
     Generalization", ICLR 2021.
     """
-    _check_ball(ball, radius)
+    check_ball(ball, radius)
     return _perturbed_transform(
         base_optimizer,
         perturb=lambda h, p: sam_perturbation(h, rho, p, ball=ball, radius=radius),
@@ -281,7 +287,7 @@ def gsam(
         h_perp = jax.tree.map(lambda hi, gi: hi - (coef * gi).astype(hi.dtype), h, g)
         return _axpy(-alpha, h_perp, g)
 
-    _check_ball(ball, radius)
+    check_ball(ball, radius)
     return _perturbed_transform(
         base_optimizer,
         lambda h, p: sam_perturbation(h, rho, p, ball=ball, radius=radius),
@@ -311,7 +317,7 @@ def smooth_sam(
     form in SATM's public description is not spelled out; this one is this project's choice).
     """
 
-    _check_ball(ball, radius)
+    check_ball(ball, radius)
 
     def init_fn(params):
         return SmoothSharpnessState(base_optimizer.init(params), jax.random.PRNGKey(seed))
@@ -364,9 +370,7 @@ def make_sharpness(
     Raises:
       ValueError: unknown name, ball or radius; a ball or radius that ``name`` does not take.
     """
-    _check_ball(ball, radius)
-    if name in ("none", "asam") and (ball, radius) != ("global", "absolute"):
-        raise ValueError(f"sharpness {name!r} takes no ball/radius options (got {ball}, {radius})")
+    check_ball(ball, radius, name)
     if name == "none":
         return no_sharpness(base_optimizer)
     if name == "sam":
