@@ -42,6 +42,29 @@ def field_docs(cls: type) -> dict[str, str]:
     return out
 
 
+def _define(name: str, hint: Any, default: Any, help_text: str, choices=None) -> None:
+    """One absl flag of the scalar type ``hint`` (``X | None`` allowed), or an enum."""
+    if choices is not None:
+        flags.DEFINE_enum(name, default, list(choices), help_text)
+        return
+    define = {
+        bool: flags.DEFINE_bool,
+        int: flags.DEFINE_integer,
+        float: flags.DEFINE_float,
+        str: flags.DEFINE_string,
+    }.get(_scalar_type(hint))
+    if define is None:
+        raise TypeError(f"--{name}: no flag type for {hint!r}")
+    define(name, default, help_text)
+
+
+def _field_doc(cls: type, field: str) -> str:
+    doc = field_docs(cls).get(field)
+    if doc is None:
+        raise TypeError(f"{cls.__name__}.{field} has no line in the docstring")
+    return doc
+
+
 def define_dataclass_flags(
     cls: type, prefix: str, *, choices: dict[str, tuple[str, ...]] | None = None
 ) -> list[str]:
@@ -51,26 +74,12 @@ def define_dataclass_flags(
     Raises:
       TypeError: a field of another type, or a field without a docstring line.
     """
-    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
     names = []
     for f in dataclasses.fields(cls):
-        if f.name not in docs:
-            raise TypeError(f"{cls.__name__}.{f.name} has no line in the docstring")
         name = prefix + f.name
-        default: Any = f.default
-        help_text = docs[f.name]
-        if choices and f.name in choices:
-            flags.DEFINE_enum(name, default, list(choices[f.name]), help_text)
-        elif isinstance(default, bool):
-            flags.DEFINE_bool(name, default, help_text)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, help_text)
-        elif isinstance(default, float):
-            flags.DEFINE_float(name, default, help_text)
-        elif isinstance(default, str):
-            flags.DEFINE_string(name, default, help_text)
-        else:
-            raise TypeError(f"{cls.__name__}.{f.name}: no flag type for {type(default)}")
+        doc = _field_doc(cls, f.name)
+        _define(name, hints[f.name], f.default, doc, (choices or {}).get(f.name))
         names.append(name)
     return names
 
@@ -109,22 +118,7 @@ def define_override_flags(
         if name in skip:
             continue
         cls = sections[section]
-        doc = field_docs(cls).get(field)
-        if doc is None:
-            raise TypeError(f"{cls.__name__}.{field} has no line in the docstring")
-        kind = _scalar_type(typing.get_type_hints(cls)[field])
-        help_text = f"{doc} (preset: {section}.{field})"
-        if name in choices:
-            flags.DEFINE_enum(name, None, list(choices[name]), help_text)
-        elif kind is bool:
-            flags.DEFINE_bool(name, None, help_text)
-        elif kind is int:
-            flags.DEFINE_integer(name, None, help_text)
-        elif kind is float:
-            flags.DEFINE_float(name, None, help_text)
-        elif kind is str:
-            flags.DEFINE_string(name, None, help_text)
-        else:
-            raise TypeError(f"{cls.__name__}.{field}: no flag type for its hint")
+        help_text = f"{_field_doc(cls, field)} (preset: {section}.{field})"
+        _define(name, typing.get_type_hints(cls)[field], None, help_text, choices.get(name))
         names.append(name)
     return names
