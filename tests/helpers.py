@@ -39,6 +39,24 @@ TINY = [
 ]
 
 
+def tiny_overrides(**changes):
+    """``configs.make_run_config`` overrides of a tiny in-process run on digits (what ``TINY``
+    is for subprocesses), with ``changes`` applied."""
+    base = {
+        "iterations": 3,
+        "syn_steps": 3,
+        "num_experts": 2,
+        "expert_train_epochs": 2,
+        "max_start_epoch": 1,
+        "expert_epochs": 1,
+        "eval_epochs": 2,
+        "num_eval": 1,
+        "width": 4,
+        "depth": 1,
+    }
+    return {**base, **changes}
+
+
 # --------------------------------------------------------------------------------------------
 # The fast tier (`-m "not slow"`)
 # --------------------------------------------------------------------------------------------

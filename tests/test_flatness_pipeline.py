@@ -5,27 +5,14 @@ import os
 import pytest
 
 from satm_jax import configs, flatness, pipeline
-from tests.helpers import read_json, read_text
+from tests.helpers import read_json, read_text, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
-
-TINY = {
-    "iterations": 3,
-    "syn_steps": 3,
-    "num_experts": 2,
-    "expert_train_epochs": 2,
-    "max_start_epoch": 1,
-    "expert_epochs": 1,
-    "eval_epochs": 2,
-    "num_eval": 1,
-    "width": 4,
-    "depth": 1,
-}
 
 
 @pytest.mark.slow
 def test_flatness_is_measured_on_held_out_experts_and_reused(tmp_path, digits):
-    cfg = configs.make_run_config("digits", 1, "satm", overrides=TINY)
+    cfg = configs.make_run_config("digits", 1, "satm", overrides=tiny_overrides())
     req = flatness.FlatnessConfig(heldout_experts=1, samples=2, ascent_steps=2, power_iterations=2)
     wd = str(tmp_path)
     logs = []

@@ -14,7 +14,7 @@ import pytest
 
 import satm_jax
 from satm_jax import checkpoint, configs, distill, outputs
-from tests.helpers import read_text, run_module, tree_allclose
+from tests.helpers import read_text, run_module, tiny_overrides, tree_allclose
 
 ARGS = [
     "--ipc=1",
@@ -187,8 +187,7 @@ def test_a_checkpoint_past_the_requested_iterations_is_refused_not_reported(tmp_
 
     from satm_jax import pipeline
 
-    tiny = {"iterations": 4, "syn_steps": 2, "num_experts": 1, "expert_train_epochs": 2}
-    tiny.update(max_start_epoch=1, expert_epochs=1, eval_epochs=1, num_eval=1, width=4, depth=1)
+    tiny = tiny_overrides(iterations=4, syn_steps=2, num_experts=1, eval_epochs=1)
     cfg = configs.make_run_config("digits", 1, "mtt", overrides={**tiny, "checkpoint_every": 2})
     quiet = dict(dataset=digits, baselines=False, progress=False, log=lambda m: None)
     pipeline.train_and_evaluate([cfg], str(tmp_path), **quiet)

@@ -6,6 +6,7 @@ import pytest
 
 from experiments import sharpness_study as study_lib
 from satm_jax import flatness
+from tests.helpers import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -58,19 +59,7 @@ def test_a_tiny_study_runs_reports_and_resumes(tmp_path, digits, monkeypatch):
     from satm_jax import data
 
     monkeypatch.setattr(data, "load_dataset", lambda name, data_dir=None: digits)
-    tiny = {
-        "iterations": 2,
-        "syn_steps": 3,
-        "num_experts": 2,
-        "expert_train_epochs": 2,
-        "max_start_epoch": 1,
-        "expert_epochs": 1,
-        "eval_epochs": 2,
-        "num_eval": 1,
-        "width": 4,
-        "depth": 1,
-        "steps_per_call": 2,
-    }
+    tiny = tiny_overrides(iterations=2, steps_per_call=2)
     flat = flatness.FlatnessConfig(heldout_experts=1, samples=1, ascent_steps=1, power_iterations=1)
     wd = str(tmp_path)
     args = ("digits", 1, "default", dict(tiny), None, [0.05], ["per_example"], [0], flat)
