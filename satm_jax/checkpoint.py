@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from satm_jax.outputs import json_diff
+from satm_jax.outputs import json_diff, write_json
 
 
 @contextlib.contextmanager
@@ -140,10 +140,7 @@ class DistillCheckpointer:
                         "configuration:\n  " + "\n  ".join(diffs[:20]) + "\nUse another "
                         "--workdir, or delete that run folder to start over."
                     )
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.config, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(path, self.config)  # process 0 only
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -586,6 +586,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@outputs_lib.main_process_only
 def save_memory(path: str, memory: StageMemory, key: dict) -> None:
     """Writes a stage memory atomically (``.npz``) with its key."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -718,6 +719,7 @@ def plot_continual(path: str, out: dict[str, Any]) -> str:
     return path
 
 
+@outputs_lib.main_process_only
 def write_outputs(out: dict[str, Any], workdir: str, *, plot: bool = True) -> None:
     """``continual.json``, ``continual.md`` and (with ``plot``) ``continual.png``."""
     outputs_lib.write_json(os.path.join(workdir, "continual.json"), out)

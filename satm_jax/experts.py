@@ -43,10 +43,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from satm_jax import parallel
 from satm_jax import sharpness as sharpness_lib
 from satm_jax import train as train_lib
 from satm_jax.checkpoint import quiet_orbax
-from satm_jax.outputs import json_diff, to_jsonable
+from satm_jax.outputs import json_diff, to_jsonable, write_json
 
 Array = jax.Array
 Params = Any
@@ -237,11 +238,7 @@ class ExpertStore:
     # ---- bookkeeping -------------------------------------------------------------------------
 
     def _write_manifest(self) -> None:
-        path = os.path.join(self.directory, MANIFEST)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.manifest, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(os.path.join(self.directory, MANIFEST), self.manifest)  # process 0 only
 
     @property
     def epochs(self) -> int:
@@ -273,8 +270,9 @@ class ExpertStore:
             )
         tree = {_epoch_key(e): jax.tree.map(np.asarray, p) for e, p in enumerate(trajectory)}
         path = os.path.join(self.directory, _expert_dir(index))
-        if os.path.exists(path):
+        if os.path.exists(path) and parallel.is_main_process():
             shutil.rmtree(path)  # an unfinished earlier attempt
+        parallel.sync(f"experts.save_expert.{index}")
         with quiet_orbax():
             ocp.PyTreeCheckpointer().save(path, tree)
         self.manifest["completed"] = sorted(set(self.completed()) | {int(index)})
@@ -464,8 +462,6 @@ def train_experts(
     Returns ``[(index, [theta_0, ..., theta_E], test_acc), ...]``; each ``theta`` is a host
     (NumPy) parameter tree.
     """
-    from satm_jax import parallel
-
     init, epoch = make_expert_trainer(model, train_images.shape[1:], cfg, augment_fn)
     keys = jnp.stack([expert_key(cfg.seed, i) for i in indices])
     if mesh is not None and len(indices) % parallel.num_devices(mesh) == 0:

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import os
@@ -24,15 +25,34 @@ import numpy as np
 
 from satm_jax import parallel, visualize
 
+_WRITING = contextvars.ContextVar("satm_jax_outputs_writing", default=False)
+
 
 def main_process_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` on process 0; ``None`` (nothing written) on every other process."""
+    """``fn`` on process 0; ``None`` (nothing written) on every other process.
+
+    In a multi-process run every process meets process 0 at a barrier (``parallel.sync``)
+    before it writes and again after: a file of ours changes only while all processes stand at
+    the same write, so between two writes every process reads the same files and takes the
+    same branch (e.g. "open the store" against "create it"). A writer called inside another
+    (on process 0) adds no barrier of its own: the other processes never enter the outer one.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not parallel.is_main_process():
-            return None
-        return fn(*args, **kwargs)
+        if _WRITING.get():
+            return fn(*args, **kwargs)
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        parallel.sync(name + ":before")
+        out = None
+        if parallel.is_main_process():
+            token = _WRITING.set(True)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                _WRITING.reset(token)
+        parallel.sync(name + ":after")
+        return out
 
     return wrapper
 

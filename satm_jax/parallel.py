@@ -11,9 +11,17 @@ and left to XLA's SPMD partitioner (no hand-written collectives):
   the batch becomes an all-reduce. Instance norm is per sample, so nothing else crosses
   devices. Results equal the single-device ones within float tolerance (reduction order).
 
-Several hosts: call ``initialize_distributed`` (``jax.distributed.initialize``) at start-up on
-every host with the same coordinator; ``jax.devices()`` then lists every host's devices and the
-same meshes span them. See ``docs/PERFORMANCE.md`` for a launch example.
+Several processes (hosts): call ``initialize_distributed`` (``jax.distributed.initialize``) at
+start-up on every process with the same coordinator. Our choice: every mesh spans the
+process's **own** devices (``jax.local_devices()``), so each process computes the whole run on
+its devices, with the same keys and therefore the same synthetic sets, and no array ever spans
+another process (nothing is fetched from a non-addressable device). Process 0 alone writes
+files (``is_main_process``, ``satm_jax.outputs.main_process_only``); ``sync`` is the barrier
+after each of its writes, so that every process reads the same files next; orbax checkpoints
+are saved by every process together (orbax's multi-process protocol: process 0 writes the
+host arrays, the others wait at its barriers). The work directory must be one shared file
+system. Several hosts therefore give a correct run, not a faster one. See
+``docs/PERFORMANCE.md`` for a launch example.
 
 Example:
   >>> import jax
@@ -35,8 +43,9 @@ AXIS = "data"
 
 
 def make_mesh(devices: list[Any] | None = None, axis: str = AXIS) -> Mesh:
-    """A one-axis mesh over ``devices`` (default: all devices of all hosts)."""
-    devs = np.asarray(jax.devices() if devices is None else devices)
+    """A one-axis mesh over ``devices`` (default: this process's devices; see the module
+    docstring for why a mesh never spans processes)."""
+    devs = np.asarray(jax.local_devices() if devices is None else devices)
     return Mesh(devs, (axis,))
 
 
@@ -97,3 +106,12 @@ def initialize_distributed(
 def is_main_process() -> bool:
     """Whether this process writes outputs (process 0)."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Barrier of all processes (``multihost_utils.sync_global_devices``); nothing in a
+    single-process run. Every process must reach the same barriers in the same order."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

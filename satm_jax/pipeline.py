@@ -224,7 +224,7 @@ def ensure_experts(
         test_labels=data.test_y,
         progress=progress,
         log=log,
-        mesh=parallel.make_mesh() if len(jax.devices()) > 1 else None,
+        mesh=parallel.make_mesh() if jax.local_device_count() > 1 else None,
     )
     accs = list(store.manifest["test_acc"].values())
     if accs:
@@ -916,7 +916,8 @@ def train_and_evaluate(
         "reduced": any(c.reduced for c in configs),
         "runs": {c.name: outputs_lib.to_jsonable(c.to_dict()) for c in configs},
         "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
+        "devices": [str(d) for d in jax.local_devices()],
+        "processes": jax.process_count(),
         **({"ood": ood.identity()} if ood is not None else {}),
         **({"flatness": flatness.identity()} if flatness is not None else {}),
     }

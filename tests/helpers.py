@@ -209,20 +209,20 @@ def module_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"experiments.{module}", *args]
 
 
-def run(cmd, *, cwd=ROOT, timeout=600, check=False, background=False):
-    """Runs ``cmd`` in a subprocess with ``module_env()``: the suite's one runner.
+def run(cmd, *, cwd=ROOT, timeout=600, check=False, background=False, env=None, log=None):
+    """Runs ``cmd`` in a subprocess with ``module_env(**env)``: the suite's one runner.
 
     Returns the ``subprocess.CompletedProcess`` (text output captured); with ``check`` asserts
     a zero exit status first, showing the end of stderr. With ``background`` it returns the
-    started ``subprocess.Popen`` instead (output discarded), for tests that kill it.
+    started ``subprocess.Popen`` instead, its output going to ``log`` (an open file, which
+    the caller closes; discarded without one), for tests that kill it or run several processes
+    at once. ``env``: extra environment variables.
     """
+    environ = module_env(**(env or {}))
     if background:
-        return subprocess.Popen(
-            cmd, cwd=cwd, env=module_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-    r = subprocess.run(
-        cmd, cwd=cwd, env=module_env(), capture_output=True, text=True, timeout=timeout
-    )
+        out = subprocess.DEVNULL if log is None else log
+        return subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    r = subprocess.run(cmd, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

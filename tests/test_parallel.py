@@ -1,6 +1,7 @@
 """Several devices: the 8 simulated CPU devices give the single-device results."""
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -175,3 +176,31 @@ def test_only_process_zero_writes_outputs(tmp_path, monkeypatch, index, writes):
     outputs.write_results_table(str(tmp_path / "results.md"), res)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == (["a.json", "metrics.jsonl", "results.md"] if writes else [])
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_every_process_meets_at_a_barrier_before_and_after_each_write(tmp_path, monkeypatch, index):
+    from satm_jax import outputs
+
+    seen = []
+    monkeypatch.setattr(parallel.jax, "process_index", lambda: index)
+    monkeypatch.setattr(parallel, "sync", seen.append)
+
+    @outputs.main_process_only
+    def report(path):  # a writer that calls another: it meets only at its own barriers
+        outputs.write_json(path, {"a": 1})
+
+    report(str(tmp_path / "a.json"))
+    name = f"{__name__}.{report.__qualname__}"
+    assert seen == [f"{name}:before", f"{name}:after"]
+    assert os.path.exists(tmp_path / "a.json") == (index == 0)
+    seen.clear()
+    experts.ExpertStore.create(str(tmp_path / "store"), {"a": 1}, num_experts=1, epochs=1)
+    assert seen == ["satm_jax.outputs.write_json:before", "satm_jax.outputs.write_json:after"]
+    assert os.path.exists(tmp_path / "store" / "manifest.json") == (index == 0)
+
+
+def test_meshes_span_only_this_process_devices():
+    from satm_jax import parallel
+
+    assert list(parallel.make_mesh().devices) == jax.local_devices()
