@@ -41,8 +41,8 @@ from absl import app, flags, logging
 
 from experiments import run as run_lib
 from experiments import seed_flags  # noqa: F401  (--seeds)
-from satm_jax import configs as configs_lib
 from satm_jax import matching
+from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
 
@@ -201,7 +201,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     from satm_jax import data as data_lib
-    from satm_jax import outputs, pipeline
+    from satm_jax import outputs
+    from satm_jax.experiment import pipeline
     from satm_jax.experts import ExpertError
 
     variants = FLAGS.variants or list(VARIANTS)

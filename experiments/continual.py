@@ -3,13 +3,13 @@ r"""Class-incremental continual learning with a condensed memory (DM's protocol)
 The classes are shuffled by each class-order seed, cut into ``--stages`` stages, and at every
 stage a memory method (``random``, ``herding``, ``mtt``, ``satm``) adds ``--ipc`` images per
 class of the stage, made from that stage's training images only; a fresh ConvNet is trained
-from scratch on the memory and tested on every class seen so far (``satm_jax.continual`` has
+from scratch on the memory and tested on every class seen so far (``satm_jax.experiment.continual`` has
 the protocol and our choices). Results: ``<workdir>/continual.json``, ``continual.md``,
 ``continual.png``; per stage, ``<workdir>/order_<s>/stage_<k>_<hash>/``. A rerun with the same
 flags reuses every finished stage (a killed run resumes where it stopped).
 
 Smoke run on scikit-learn's digits (embedded, no download): all 4 methods, 5 stages, 1 class
-order, with the smoke budget (``satm_jax.continual.SMOKE_BUDGET``: 2 experts x 4 epochs per
+order, with the smoke budget (``satm_jax.experiment.continual.SMOKE_BUDGET``: 2 experts x 4 epochs per
 stage, 20 outer iterations of N = 10 with the calibrated outer loop, 2 evaluation networks x
 100 epochs, herding features after 4 epochs)::
 
@@ -21,7 +21,7 @@ average 7-9): 12 min 48 s wall, 496 s of CPU, most of it XLA compilation (each s
 memory has its own shape); with ``--stages=2`` 6 min 1 s (load average 3-6).
 
 Fashion-MNIST, 5 stages of 2 classes, IPC 10, 3 class orders, the 4 methods, with the reduced
-budget ``--budget=continual`` (``satm_jax.continual.CONTINUAL_BUDGET`` on top of the ``cpu``
+budget ``--budget=continual`` (``satm_jax.experiment.continual.CONTINUAL_BUDGET`` on top of the ``cpu``
 preset: 2 experts x 5 epochs per stage, 80 outer iterations of N = 10 inner steps, 2
 evaluation networks of width 32 for 250 epochs, herding features after 2 epochs)::
 
@@ -53,7 +53,7 @@ from absl import app, flags, logging
 
 from experiments import errors
 from experiments import run as run_lib
-from satm_jax import configs as configs_lib
+from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +68,7 @@ flags.DEFINE_enum(
     "budget",
     "preset",
     ["preset", "continual", "smoke"],
-    "preset: the preset as it is; continual / smoke: satm_jax.continual.CONTINUAL_BUDGET / "
+    "preset: the preset as it is; continual / smoke: satm_jax.experiment.continual.CONTINUAL_BUDGET / "
     "SMOKE_BUDGET on top of it (explicit flags still win).",
 )
 flags.DEFINE_bool(
@@ -99,7 +99,7 @@ def parse_orders(values: list[str]) -> tuple[int, ...]:
 
 def build_config():
     """The ``ContinualConfig`` the flags describe (``--method`` defaults to all four)."""
-    from satm_jax import continual
+    from satm_jax.experiment import continual
 
     methods = FLAGS.method if FLAGS["method"].present else list(continual.METHODS)
     overrides = run_lib.overrides_from_flags()
@@ -128,8 +128,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import jax
 
-    from satm_jax import continual
     from satm_jax import data as data_lib
+    from satm_jax.experiment import continual
 
     try:
         data_lib.check_dataset_name(FLAGS.dataset)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes (imported on call, so that ``--help`` stays fast)."""
-    from satm_jax import configs, corruptions, data, ood
+    from satm_jax import corruptions, data, ood
     from satm_jax.checkpoint import CheckpointError
     from satm_jax.distill import DistillError
+    from satm_jax.experiment import configs
     from satm_jax.experts import ExpertError
 
     return (

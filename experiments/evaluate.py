@@ -58,8 +58,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from satm_jax import configs, data, pipeline
+    from satm_jax import data
     from satm_jax import ood as ood_lib
+    from satm_jax.experiment import configs, pipeline
 
     rows = []
     try:

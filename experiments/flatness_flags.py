@@ -9,8 +9,9 @@ from __future__ import annotations
 from absl import flags
 
 from experiments import knobs
-from satm_jax import configs, flatness
+from satm_jax import flatness
 from satm_jax import sharpness as sharpness_lib
+from satm_jax.experiment import configs
 
 PREFIX = "flatness_"
 
@@ -34,7 +35,7 @@ def flatness_from_flags() -> flatness.FlatnessConfig | None:
     """The request (``None`` without ``--flatness``).
 
     Raises:
-      satm_jax.configs.ConfigError: settings that cannot be measured.
+      satm_jax.experiment.configs.ConfigError: settings that cannot be measured.
     """
     return config_from_flags() if FLAGS.flatness else None
 
@@ -43,7 +44,7 @@ def config_from_flags() -> flatness.FlatnessConfig:
     """The ``--flatness_*`` settings, whether or not ``--flatness`` is given.
 
     Raises:
-      satm_jax.configs.ConfigError: settings that cannot be measured.
+      satm_jax.experiment.configs.ConfigError: settings that cannot be measured.
     """
     try:
         return knobs.dataclass_from_flags(flatness.FlatnessConfig, PREFIX).validate()

@@ -38,7 +38,8 @@ def main(argv):
     import jax
     import numpy as np
 
-    from satm_jax import configs, data, pipeline
+    from satm_jax import data
+    from satm_jax.experiment import configs, pipeline
 
     if not FLAGS.eval_ood:
         raise app.UsageError("--eval_ood is required (e.g. --eval_ood=all)")

@@ -26,7 +26,7 @@ import sys
 from absl import app, flags, logging
 
 from experiments import errors, flatness_flags, knobs, ood_flags
-from satm_jax import configs as configs_lib
+from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +51,7 @@ flags.DEFINE_string(
     "DSA families everywhere, e.g. color_crop_cutout_flip_scale_rotate or none.",
 )
 
-# Every preset field with a flag: name, type, help and choices come from satm_jax.configs
+# Every preset field with a flag: name, type, help and choices come from satm_jax.experiment.configs
 # (OVERRIDES, SECTIONS, CHOICES) and the fields' docstrings; nothing is listed twice here.
 OVERRIDE_FLAGS = knobs.define_override_flags(
     configs_lib.OVERRIDES, configs_lib.SECTIONS, configs_lib.CHOICES, skip=("eval_models",)
@@ -109,7 +109,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from satm_jax import pipeline
+    from satm_jax.experiment import pipeline
 
     if FLAGS.coordinator_address:
         from satm_jax import parallel

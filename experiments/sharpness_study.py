@@ -34,7 +34,7 @@ from experiments import (
     seed_flags,  # noqa: F401  (--seeds)
 )
 from experiments import run as run_lib
-from satm_jax import configs as configs_lib
+from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
 
@@ -84,7 +84,8 @@ def run_study(
     with the condensed set's row of each run (its ``flatness`` object included) and the
     per-point aggregates of ``aggregate``."""
     from satm_jax import data as data_lib
-    from satm_jax import outputs, pipeline
+    from satm_jax import outputs
+    from satm_jax.experiment import pipeline
 
     scale = overrides.pop("rho_scale", "relative")
     dataset_obj = data_lib.load_dataset(dataset, data_dir=data_dir)

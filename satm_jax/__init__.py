@@ -15,11 +15,12 @@ The modules, one idea each:
   held-out generalisation gap);
 * ``distill``: the jit-compiled outer step and loop;
 * ``evaluate``: training fresh networks on a synthetic set;
-* ``configs``/``pipeline``: presets and the end-to-end experiment;
 * ``corruptions``: keyed image corruptions (MNIST-C / CIFAR-10-C families) and the loaders of
   the official corrupted sets; ``ood``: out-of-domain evaluation on them;
 * ``herding``: herding selection in a network's penultimate features;
-* ``continual``: the class-incremental protocol (DM's) with condensed memories.
+* ``experiment``: the layer above the library (nothing here imports it): presets and run
+  configs (``experiment.configs``), the end-to-end pipeline (``experiment.pipeline``) and the
+  class-incremental protocol (``experiment.continual``).
 """
 
 from satm_jax import (

@@ -9,7 +9,7 @@ reported.
 
 Each checkpoint folder also records the run's configuration; resuming under a different
 configuration is refused with the list of differences, except for the keys the caller names as
-resumable (the pipeline passes ``satm_jax.configs.RESUMABLE_CHANGES``: the number of
+resumable (the pipeline passes ``satm_jax.experiment.configs.RESUMABLE_CHANGES``: the number of
 iterations, the evaluation/checkpoint cadence and labels). This module knows no field names.
 """
 

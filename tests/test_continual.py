@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import configs, continual, data, evaluate, experts, herding, outputs, pipeline
+from satm_jax import data, evaluate, experts, herding, outputs
+from satm_jax.experiment import configs, continual, pipeline
 from tests.helpers import run_module
 
 TINY = dict(

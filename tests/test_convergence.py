@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from satm_jax import augment, convergence, distill, outputs, pipeline
+from satm_jax import augment, convergence, distill, outputs
+from satm_jax.experiment import pipeline
 from tests.helpers import distill_problem
 
 ITS = np.arange(500)

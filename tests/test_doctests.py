@@ -23,10 +23,11 @@ SLOW = {"evaluate", "matching", "models"}
 
 def _modules_with_examples() -> list[str]:
     names = []
-    for info in pkgutil.iter_modules([str(PACKAGE)]):
-        path = PACKAGE / f"{info.name}.py"
+    for info in pkgutil.walk_packages(satm_jax.__path__, prefix="satm_jax."):
+        name = info.name.removeprefix("satm_jax.")
+        path = PACKAGE / f"{name.replace('.', '/')}.py"
         if path.is_file() and ">>>" in path.read_text():
-            names.append(info.name)
+            names.append(name)
     return sorted(names)
 
 
@@ -47,6 +48,7 @@ def test_the_documented_modules_are_all_found():
         "corruptions",
         "data",
         "evaluate",
+        "experiment.continual",
         "experts",
         "flatness",
         "matching",

@@ -247,7 +247,7 @@ def test_gsam_experts_take_the_gsam_step_by_hand(digits):
 
 
 def test_expert_sharpness_is_part_of_the_store_identity(tmp_path):
-    from satm_jax import configs, pipeline
+    from satm_jax.experiment import configs, pipeline
 
     cfg = configs.make_run_config("digits", 1, "mtt", "default")
     flat_cfg = configs.make_run_config("digits", 1, "mtt", "default", {"expert_sharpness": "gsam"})
@@ -270,7 +270,7 @@ def test_expert_sharpness_is_part_of_the_store_identity(tmp_path):
 def test_a_run_reads_only_as_many_experts_as_it_asks_for(tmp_path):
     import dataclasses
 
-    from satm_jax import configs, pipeline
+    from satm_jax.experiment import configs, pipeline
 
     net, traj = _traj()
     store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=3, epochs=3)

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from satm_jax import configs, flatness, pipeline
+from satm_jax import flatness
+from satm_jax.experiment import configs, pipeline
 from tests.helpers import read_json, read_text, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("fast_compile")

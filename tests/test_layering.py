@@ -9,6 +9,27 @@ import satm_jax
 PACKAGE = Path(satm_jax.__file__).parent
 
 
+def _module_name(path: Path) -> str:
+    """``satm_jax/experiment/configs.py`` -> ``experiment.configs``; a package's
+    ``__init__.py`` -> the package (``""`` for ``satm_jax`` itself)."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _resolve(dotted: str) -> str | None:
+    """The library module an absolute import names (longest prefix that is one)."""
+    parts = dotted.split(".")[1:]
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in MODULES:
+            return ".".join(parts[:n])
+    return None
+
+
 def _imports(path: Path) -> set[str]:
     """``satm_jax`` modules ``path`` imports, anywhere in the file, and other top-level names."""
     out = set()
@@ -20,16 +41,15 @@ def _imports(path: Path) -> set[str]:
         else:
             continue
         for n in names:
-            parts = n.split(".")
-            if parts[0] == "satm_jax" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").exists():
-                out.add(parts[1])
-            elif parts[0] != "satm_jax":
-                out.add(parts[0])
+            if n.split(".")[0] != "satm_jax":
+                out.add(n.split(".")[0])
+            elif (m := _resolve(n)) is not None:
+                out.add(m)
     return out
 
 
 def graph() -> dict[str, set[str]]:
-    mods = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    mods = {m: p for m, p in MODULES.items() if p.name != "__init__.py"}
     return {m: {d for d in _imports(p) if d in mods and d != m} for m, p in mods.items()}
 
 
@@ -69,16 +89,26 @@ def test_the_library_import_graph_has_no_cycle():
 
 
 def test_the_library_never_imports_the_experiments_or_the_tests():
-    for p in PACKAGE.glob("*.py"):
-        assert not {"experiments", "tests"} & _imports(p), p.name
+    for p in PACKAGE.rglob("*.py"):
+        assert not {"experiments", "tests"} & _imports(p), p
 
 
-# The orchestration layer: presets and run configs, the pipeline, the continual protocol. The
-# numerical core and the data/model/storage modules below it never import it.
-ORCHESTRATION = {"configs", "pipeline", "continual"}
+# The orchestration layer, ``satm_jax.experiment``: presets and run configs, the pipeline, the
+# continual protocol. The numerical core and the data/model/storage modules never import it.
+ORCHESTRATION = "experiment"
+
+
+def test_the_orchestration_layer_is_its_own_package():
+    layer = {m for m in MODULES if m.split(".")[0] == ORCHESTRATION}
+    assert {"experiment.configs", "experiment.pipeline", "experiment.continual"} <= layer
 
 
 def test_nothing_below_the_orchestration_layer_imports_it():
-    g = graph()
-    offenders = {m: sorted(d & ORCHESTRATION) for m, d in g.items() if m not in ORCHESTRATION}
-    assert not {m: d for m, d in offenders.items() if d}
+    offenders = {}
+    for m, p in MODULES.items():
+        if m.split(".")[0] == ORCHESTRATION:
+            continue
+        bad = sorted(d for d in _imports(p) if d.split(".")[0] == ORCHESTRATION)
+        if bad:
+            offenders[m] = bad
+    assert not offenders

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import configs, corruptions, evaluate, models, ood, pipeline
+from satm_jax import corruptions, evaluate, models, ood
+from satm_jax.experiment import configs, pipeline
 from tests.helpers import TINY, read_text, run_module
 
 OVERRIDES = {

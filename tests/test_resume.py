@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import satm_jax
-from satm_jax import checkpoint, configs, distill, outputs
+from satm_jax import checkpoint, distill, outputs
+from satm_jax.experiment import configs
 from tests.helpers import read_text, run_module, tiny_overrides, tree_allclose
 
 ARGS = [
@@ -185,7 +186,7 @@ def test_load_distilled_rejects_other_files(tmp_path):
 def test_a_checkpoint_past_the_requested_iterations_is_refused_not_reported(tmp_path, digits):
     import dataclasses
 
-    from satm_jax import pipeline
+    from satm_jax.experiment import pipeline
 
     tiny = tiny_overrides(iterations=4, syn_steps=2, num_experts=1, eval_epochs=1)
     cfg = configs.make_run_config("digits", 1, "mtt", overrides={**tiny, "checkpoint_every": 2})

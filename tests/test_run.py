@@ -8,7 +8,8 @@ import pytest
 
 import satm_jax
 from experiments import run as run_lib
-from satm_jax import configs, data, pipeline
+from satm_jax import data
+from satm_jax.experiment import configs, pipeline
 from tests.helpers import TINY, read_json, read_text, run_module
 
 

@@ -35,7 +35,7 @@ Our choices (where DM's script leaves room or does something we cannot):
   live in one input space. These statistics are the only thing computed from more than the
   stage's images; no image of another stage reaches a stage's experts, condensation, feature
   network or memory.
-* **Condensation** of a stage is ``satm_jax.pipeline``'s (``ensure_experts`` then
+* **Condensation** of a stage is ``satm_jax.experiment.pipeline``'s (``ensure_experts`` then
   ``distill_and_evaluate``) on a ``satm_jax.data.Dataset`` restricted to the stage's classes
   with labels remapped to ``0..c-1`` (in the class order); the condensed labels are mapped back
   to global class ids. ``distill_and_evaluate`` always evaluates the set it makes; that
@@ -54,7 +54,7 @@ Our choices (where DM's script leaves room or does something we cannot):
 
 Files (``run_continual``): under ``<workdir>/order_<s>/stage_<k>_<hash>/`` (the hash names the
 dataset and the stage's classes) the stage's experts and condensation runs (``experts/``,
-``runs/``, as ``satm_jax.pipeline`` lays them out) and, per method, ``<method>/memory.npz`` (the
+``runs/``, as ``satm_jax.experiment.pipeline`` lays them out) and, per method, ``<method>/memory.npz`` (the
 stage's memory, with the settings that made it) and ``<method>/result.json`` (the accuracies of
 the networks trained on the memory of stages ``0..k``). Each is written as soon as it is done;
 a rerun (e.g. after the process was killed) reads finished stages back instead of computing
@@ -63,7 +63,7 @@ them again, and resumes an unfinished condensation from its last checkpoint.
 ``continual.png`` hold the summary.
 
 Example:
-  >>> from satm_jax import continual
+  >>> from satm_jax.experiment import continual
   >>> [o.tolist() for o in continual.class_orders(4, [0, 1])]
   [[2, 3, 1, 0], [3, 2, 0, 1]]
   >>> [s.tolist() for s in continual.split_stages([2, 3, 1, 0], 2)]
@@ -84,14 +84,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from satm_jax import configs as configs_lib
 from satm_jax import data as data_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import herding as herding_lib
 from satm_jax import models as models_lib
 from satm_jax import outputs as outputs_lib
-from satm_jax import pipeline as pipeline_lib
-from satm_jax.configs import ConfigError, RunConfig
+from satm_jax.experiment import configs as configs_lib
+from satm_jax.experiment import pipeline as pipeline_lib
+from satm_jax.experiment.configs import ConfigError, RunConfig
 
 Log = Callable[[str], None]
 
@@ -324,8 +324,8 @@ class ContinualConfig:
       stages: number of stages ``S`` (must divide the number of classes).
       methods: memory methods, from ``METHODS``.
       class_orders: seeds of the class orders.
-      preset: ``satm_jax.configs`` preset the run configs start from.
-      overrides: flat ``satm_jax.configs.OVERRIDES`` settings (applied to every method).
+      preset: ``satm_jax.experiment.configs`` preset the run configs start from.
+      overrides: flat ``satm_jax.experiment.configs.OVERRIDES`` settings (applied to every method).
       lr: the evaluation networks' learning rate (DM: 0.01).
       herding_epochs: feature-network epochs for herding (``None``: the experts' epochs).
       seed: seed of the random memories and the herding feature networks.

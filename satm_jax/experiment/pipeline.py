@@ -30,7 +30,6 @@ import numpy as np
 
 from satm_jax import augment as augment_lib
 from satm_jax import checkpoint as checkpoint_lib
-from satm_jax import configs as configs_lib
 from satm_jax import convergence, parallel
 from satm_jax import data as data_lib
 from satm_jax import distill as distill_lib
@@ -40,7 +39,8 @@ from satm_jax import flatness as flatness_lib
 from satm_jax import models as models_lib
 from satm_jax import ood as ood_lib
 from satm_jax import outputs as outputs_lib
-from satm_jax.configs import ConfigError, RunConfig
+from satm_jax.experiment import configs as configs_lib
+from satm_jax.experiment.configs import ConfigError, RunConfig
 
 Log = Callable[[str], None]
 
