@@ -41,7 +41,7 @@ from absl import app, flags, logging
 
 from experiments import run as run_lib
 from experiments import seed_flags  # noqa: F401  (--seeds)
-from satm_jax import matching
+from satm_jax import jsonio, matching
 from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
@@ -201,9 +201,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     from satm_jax import data as data_lib
-    from satm_jax import outputs
     from satm_jax.experiment import pipeline
-    from satm_jax.experts import ExpertError
+    from satm_jax.expert_store import ExpertError
 
     variants = FLAGS.variants or list(VARIANTS)
     try:
@@ -233,7 +232,7 @@ def main(argv):
     md, table = ablation_table(results, variants, command)
     with open(os.path.join(FLAGS.workdir, "ablation.md"), "w") as f:
         f.write(md)
-    outputs.write_json(
+    jsonio.write_json(
         os.path.join(FLAGS.workdir, "ablation.json"),
         {"command": command, "table": table, "results": results},
     )

@@ -122,7 +122,7 @@ def bench_distill(shape: dict, mode: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from satm_jax import augment, distill, experts, models, parallel
+    from satm_jax import augment, distill, expert_store, models, parallel
 
     c, ipc, res, ch = shape["num_classes"], shape["ipc"], shape["res"], shape["channels"]
     cfg = distill_config(
@@ -134,7 +134,9 @@ def bench_distill(shape: dict, mode: str) -> dict:
     key = jax.random.PRNGKey(0)
     params = net.init(key, jnp.zeros((1, res, res, ch)))["params"]
     target = jax.tree.map(lambda p: p + 0.01, params)
-    bank = experts.ExpertBank(jax.tree.map(lambda a, b: jnp.stack([a, b])[None], params, target))
+    bank = expert_store.ExpertBank(
+        jax.tree.map(lambda a, b: jnp.stack([a, b])[None], params, target)
+    )
     images = jax.random.normal(key, (c * ipc, res, res, ch))
     labels = jnp.repeat(jnp.arange(c, dtype=jnp.int32), ipc)
     mesh = parallel.make_mesh() if FLAGS.data_parallel else None

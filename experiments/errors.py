@@ -11,7 +11,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from satm_jax.checkpoint import CheckpointError
     from satm_jax.distill import DistillError
     from satm_jax.experiment import configs
-    from satm_jax.experts import ExpertError
+    from satm_jax.expert_store import ExpertError
 
     return (
         configs.ConfigError,

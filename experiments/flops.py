@@ -37,7 +37,7 @@ def count(name: str, mode: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from satm_jax import augment, distill, experts, matching, models
+    from satm_jax import augment, distill, expert_store, matching, models
 
     shape = dict(CONFIGS[name], channels=3, width=128)
     c, ipc, res = shape["num_classes"], shape["ipc"], shape["res"]
@@ -45,7 +45,7 @@ def count(name: str, mode: str) -> dict:
     net = models.ConvNet(num_classes=c, width=128, depth=shape["depth"], conv_impl="lax")
     params = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3))))
     params = params["params"]
-    bank = experts.ExpertBank(
+    bank = expert_store.ExpertBank(
         jax.tree.map(lambda p: jax.ShapeDtypeStruct((1, 2, *p.shape), p.dtype), params)
     )
     images = jax.ShapeDtypeStruct((c * ipc, res, res, 3), jnp.float32)

@@ -34,6 +34,7 @@ from experiments import (
     seed_flags,  # noqa: F401  (--seeds)
 )
 from experiments import run as run_lib
+from satm_jax import jsonio
 from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
@@ -272,7 +273,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from satm_jax import outputs
 
     t0 = time.time()
     try:
@@ -305,7 +305,7 @@ def main(argv):
     md = format_markdown(study, command, time.time() - t0)
     with open(os.path.join(FLAGS.workdir, "sharpness.md"), "w") as f:
         f.write(md)
-    outputs.write_json(os.path.join(FLAGS.workdir, "sharpness.json"), {"command": command, **study})
+    jsonio.write_json(os.path.join(FLAGS.workdir, "sharpness.json"), {"command": command, **study})
     plot(study, FLAGS.workdir)
     print(md)
     return 0

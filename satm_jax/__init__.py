@@ -6,7 +6,10 @@ The modules, one idea each:
 * ``augment``: differentiable siamese augmentation (DSA);
 * ``zca``: ZCA whitening as the reference computes it;
 * ``data``: datasets by name, preprocessing;
-* ``experts``: expert trajectories: training, orbax storage, sampling;
+* ``experts``: training expert trajectories and sampling them for matching;
+* ``expert_store``: their orbax storage with a manifest, and finding a compatible store;
+* ``jsonio``: JSON files (atomic, process 0 only) and config-tree comparison; ``outputs``:
+  what a run leaves behind (metrics, images, plots, tables, exports);
 * ``matching``: the student unroll (``lax.scan``), the matching loss, exact and truncated
   hypergradients;
 * ``sharpness``: SAM, ASAM, GSAM and smoothed SAM as Optax transforms (global or per-example

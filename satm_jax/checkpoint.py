@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from satm_jax.outputs import json_diff, write_json
+from satm_jax.jsonio import json_diff, write_json
 
 
 @contextlib.contextmanager

@@ -36,8 +36,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from satm_jax import expert_store, matching, scale_free, step_size
 from satm_jax import experts as experts_lib
-from satm_jax import matching, scale_free, step_size
 from satm_jax import sharpness as sharpness_lib
 
 Array = jax.Array
@@ -374,7 +374,7 @@ class IterationSample(NamedTuple):
 
 
 def sample_iteration(
-    state: DistillState, bank: experts_lib.ExpertBank, cfg: DistillConfig
+    state: DistillState, bank: expert_store.ExpertBank, cfg: DistillConfig
 ) -> IterationSample:
     """Draws the expert, start epoch, minibatches and augmentation keys; advances the key."""
     key, k_exp, k_batch = jax.random.split(state.key, 3)
@@ -386,7 +386,7 @@ def sample_iteration(
 
 
 def draw_trajectory(
-    bank: experts_lib.ExpertBank,
+    bank: expert_store.ExpertBank,
     k_exp: Array,
     k_batch: Array,
     cfg: DistillConfig,
@@ -405,7 +405,7 @@ def draw_trajectory(
 
 def calibrate_step_size(
     state: DistillState,
-    bank: experts_lib.ExpertBank,
+    bank: expert_store.ExpertBank,
     apply_fn: matching.ApplyFn,
     augment_fn: matching.AugmentFn,
     cfg: DistillConfig,
@@ -449,7 +449,7 @@ def make_outer_step(
     augment_fn: matching.AugmentFn,
     cfg: DistillConfig,
     mesh: Any | None = None,
-) -> Callable[[DistillState, experts_lib.ExpertBank], tuple[DistillState, dict[str, Array]]]:
+) -> Callable[[DistillState, expert_store.ExpertBank], tuple[DistillState, dict[str, Array]]]:
     """Builds ``outer_step(state, bank) -> (state, metrics)`` (pure; jit it).
 
     Metrics: ``loss`` (matching loss at the unperturbed images), ``syn_lr``, ``grad_norm``
@@ -480,7 +480,7 @@ def make_outer_step(
     soft = cfg.soft_labels
     passes = make_passes(apply_fn, augment_fn, cfg)
 
-    def outer_step(state: DistillState, bank: experts_lib.ExpertBank):
+    def outer_step(state: DistillState, bank: expert_store.ExpertBank):
         sample = sample_iteration(state, bank, cfg)
         first_pass_loss, perturbed_loss = passes(state, sample)
         argnums = (0, 1, 2) if soft else (0, 1)
@@ -631,7 +631,7 @@ def make_passes(
 
 def make_multi_step(
     outer_step: Callable[..., Any], length: int
-) -> Callable[[DistillState, experts_lib.ExpertBank], tuple[DistillState, dict[str, Array]]]:
+) -> Callable[[DistillState, expert_store.ExpertBank], tuple[DistillState, dict[str, Array]]]:
     """``length`` outer iterations in one jit call (``lax.scan``), the state donated."""
 
     def multi(state, bank):
@@ -652,7 +652,7 @@ def _boundaries(start: int, stop: int, every: list[int]) -> list[int]:
 
 def run_distillation(
     state: DistillState,
-    bank: experts_lib.ExpertBank,
+    bank: expert_store.ExpertBank,
     cfg: DistillConfig,
     outer_step: Callable[..., Any],
     *,

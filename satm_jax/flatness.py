@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from satm_jax import distill as distill_lib
-from satm_jax import experts as experts_lib
-from satm_jax import matching
+from satm_jax import expert_store, matching
 from satm_jax import sharpness as sharpness_lib
 
 Array = jax.Array
@@ -193,7 +192,7 @@ def top_hessian_eigenvalue(
 
 
 def draw_trajectories(
-    bank: experts_lib.ExpertBank,
+    bank: expert_store.ExpertBank,
     key: Array,
     samples: int,
     num_syn: int,

@@ -4,113 +4,28 @@ In a multi-process run only process 0 writes (``satm_jax.parallel.is_main_proces
 writer here is a no-op elsewhere, so the processes never race on the same files. Readers read
 on every process.
 
+JSON files are ``satm_jax.jsonio``'s.
+
 Example:
-  >>> import os, tempfile, numpy as np
+  >>> import tempfile
   >>> from satm_jax import outputs
-  >>> p = os.path.join(tempfile.mkdtemp(), "x.json")
-  >>> outputs.write_json(p, {"a": 1}); outputs.read_json(p)
-  {'a': 1}
+  >>> d = tempfile.mkdtemp()
+  >>> w = outputs.MetricsWriter(d, tensorboard=False); w.iteration(1, {"loss": 0.5}); w.close()
+  >>> outputs.read_metrics(d)
+  [{'iteration': 1, 'loss': 0.5}]
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import json
 import os
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from satm_jax import parallel, visualize
-
-_WRITING = contextvars.ContextVar("satm_jax_outputs_writing", default=False)
-
-
-def main_process_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` on process 0; ``None`` (nothing written) on every other process.
-
-    In a multi-process run every process meets process 0 at a barrier (``parallel.sync``)
-    before it writes and again after: a file of ours changes only while all processes stand at
-    the same write, so between two writes every process reads the same files and takes the
-    same branch (e.g. "open the store" against "create it"). A writer called inside another
-    (on process 0) adds no barrier of its own: the other processes never enter the outer one.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if _WRITING.get():
-            return fn(*args, **kwargs)
-        name = f"{fn.__module__}.{fn.__qualname__}"
-        parallel.sync(name + ":before")
-        out = None
-        if parallel.is_main_process():
-            token = _WRITING.set(True)
-            try:
-                out = fn(*args, **kwargs)
-            finally:
-                _WRITING.reset(token)
-        parallel.sync(name + ":after")
-        return out
-
-    return wrapper
-
-
-# --------------------------------------------------------------------------------------------
-# JSON
-# --------------------------------------------------------------------------------------------
-
-
-@main_process_only
-def write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` atomically (temporary file, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=_default)
-    os.replace(tmp, path)
-
-
-def _default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, (np.ndarray,)):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    return str(o)
-
-
-def to_jsonable(x: Any) -> Any:
-    """``x`` as plain JSON values (tuples become lists, NumPy scalars numbers)."""
-    return json.loads(json.dumps(x, default=_default))
-
-
-def json_diff(
-    a: Any, b: Any, left: str = "stored", right: str = "requested", prefix: str = ""
-) -> list[str]:
-    """Human-readable list of the fields where two JSON-like values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += json_diff(
-                a.get(k, "<absent>"), b.get(k, "<absent>"), left, right, f"{prefix}{k}."
-            )
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        a, b = list(a), list(b)
-    return [] if a == b else [f"{prefix.rstrip('.')}: {left} {a!r}, {right} {b!r}"]
-
-
-def read_json(path: str) -> Any | None:
-    """The JSON content of ``path``; ``None`` if it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
+from satm_jax.jsonio import _default, read_json
+from satm_jax.parallel import main_process_only
 
 # --------------------------------------------------------------------------------------------
 # Metrics

@@ -16,7 +16,7 @@ start-up on every process with the same coordinator. Our choice: every mesh span
 process's **own** devices (``jax.local_devices()``), so each process computes the whole run on
 its devices, with the same keys and therefore the same synthetic sets, and no array ever spans
 another process (nothing is fetched from a non-addressable device). Process 0 alone writes
-files (``is_main_process``, ``satm_jax.outputs.main_process_only``); ``sync`` is the barrier
+files (``is_main_process``, ``satm_jax.parallel.main_process_only``); ``sync`` is the barrier
 after each of its writes, so that every process reads the same files next; orbax checkpoints
 are saved by every process together (orbax's multi-process protocol: process 0 writes the
 host arrays, the others wait at its barriers). The work directory must be one shared file
@@ -33,6 +33,9 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -115,3 +118,35 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+_WRITING = contextvars.ContextVar("satm_jax_parallel_writing", default=False)
+
+
+def main_process_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` on process 0; ``None`` (nothing written) on every other process.
+
+    In a multi-process run every process meets process 0 at a barrier (``parallel.sync``)
+    before it writes and again after: a file of ours changes only while all processes stand at
+    the same write, so between two writes every process reads the same files and takes the
+    same branch (e.g. "open the store" against "create it"). A writer called inside another
+    (on process 0) adds no barrier of its own: the other processes never enter the outer one.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _WRITING.get():
+            return fn(*args, **kwargs)
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        sync(name + ":before")
+        out = None
+        if is_main_process():
+            token = _WRITING.set(True)
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                _WRITING.reset(token)
+        sync(name + ":after")
+        return out
+
+    return wrapper

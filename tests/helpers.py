@@ -154,7 +154,7 @@ def tiny_problem(
 
 def synthetic_bank(params, num_experts=2, epochs=4, seed=0):
     """Synthetic expert trajectories: random walks from ``params``."""
-    from satm_jax import experts
+    from satm_jax import expert_store
 
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
@@ -165,7 +165,7 @@ def synthetic_bank(params, num_experts=2, epochs=4, seed=0):
             [jnp.zeros((num_experts, 1, *leaf.shape)), jnp.cumsum(steps, 1)], 1
         )
         stacked.append(traj)
-    return experts.ExpertBank(jax.tree.unflatten(treedef, stacked))
+    return expert_store.ExpertBank(jax.tree.unflatten(treedef, stacked))
 
 
 DISTILL_SYN_STEPS = 4

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import data, evaluate, experts, herding, outputs
+from satm_jax import data, evaluate, experts, herding, jsonio, outputs
 from satm_jax.experiment import configs, continual, pipeline
 from tests.helpers import run_module
 
@@ -390,7 +390,7 @@ def test_every_stage_trains_a_fresh_network_on_all_classes_tested_on_the_seen_on
 
 def test_outputs_hold_one_row_per_method_and_stage(recorded):
     out = recorded.out
-    saved = outputs.read_json(os.path.join(recorded.wd, "continual.json"))
+    saved = jsonio.read_json(os.path.join(recorded.wd, "continual.json"))
     assert set(saved) == {"stages", "ipc", "results", "config", "wall_s"}
     assert saved["stages"] == 5 and saved["ipc"] == 2 and saved["wall_s"] > 0
     assert saved["results"] == json.loads(json.dumps(out["results"]))
@@ -434,7 +434,7 @@ def test_a_killed_run_resumes_stage_by_stage(digits_ds, tmp_path):
             )
     # stages 0 and 1 done, stage 2's random memory evaluated, its herding memory stored
     assert len(first.evals) == 7 and len(first.experts) == 2 and len(first.herding) == 3
-    partial = outputs.read_json(os.path.join(wd, "continual.json"))
+    partial = jsonio.read_json(os.path.join(wd, "continual.json"))
     assert {r["stage"] for r in partial["results"]} == {0, 1}  # written stage by stage
     order = continual.split_stages(_literal_orders(10, [0])[0], 5)
     done = os.path.join(continual.stage_dir(wd, "digits", 0, 0, order[0]), "mtt", "memory.npz")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import distill, experts, matching, sharpness
+from satm_jax import distill, expert_store, matching, sharpness
 from tests.helpers import DISTILL_SYN_STEPS as N
 from tests.helpers import distill_problem, tree_allclose
 
@@ -234,7 +234,7 @@ def test_config_validation_messages():
 def test_nan_loss_from_a_bad_expert_skips_only_those_iterations():
     cfg, apply_fn, bank, x, y = distill_problem(iterations=8, steps_per_call=4, dsa_strategy="none")
     # Expert 1's checkpoints are NaN: every iteration that samples it has a NaN loss.
-    bad = experts.ExpertBank(jax.tree.map(lambda a: a.at[1].set(jnp.nan), bank.params))
+    bad = expert_store.ExpertBank(jax.tree.map(lambda a: a.at[1].set(jnp.nan), bank.params))
     from satm_jax import augment
 
     seen = []

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import augment, experts, models
+from satm_jax import augment, expert_store, experts, models
 from tests.helpers import flatten, read_json, tree_allclose
 
 SPEC = {
@@ -29,12 +29,12 @@ def _traj(epochs=3, seed=0):
 
 def test_save_and_load_round_trip(tmp_path):
     net, traj = _traj()
-    store = experts.ExpertStore.create(
+    store = expert_store.ExpertStore.create(
         str(tmp_path), SPEC, num_experts=2, epochs=3, training={"lr": 0.01}
     )
     store.save_expert(1, traj, test_acc=0.5)
     assert store.completed() == [1] and store.missing() == [0]
-    reopened = experts.ExpertStore.open(str(tmp_path), SPEC)
+    reopened = expert_store.ExpertStore.open(str(tmp_path), SPEC)
     start, target = reopened.load_pair(1, 1, 2, like=traj[0])
     tree_allclose(start, traj[1], rtol=0, atol=0)
     tree_allclose(target, traj[3], rtol=0, atol=0)
@@ -51,7 +51,7 @@ def test_partial_restore_reads_only_the_requested_epochs(tmp_path, monkeypatch):
     from orbax.checkpoint import type_handlers
 
     net, traj = _traj(epochs=5)
-    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=5)
+    store = expert_store.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=5)
     store.save_expert(0, traj)
     # Record every parameter orbax deserialises from disk, whatever handler reads it.
     read = []
@@ -84,65 +84,67 @@ def test_partial_restore_reads_only_the_requested_epochs(tmp_path, monkeypatch):
 
 
 def test_mismatched_store_is_refused_with_what_differs(tmp_path):
-    experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
+    expert_store.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
     other = json.loads(json.dumps(SPEC))
     other["model"]["width"] = 128
     other["preprocessing"]["zca"] = True
-    with pytest.raises(experts.ExpertMismatchError) as e:
-        experts.ExpertStore.open(str(tmp_path), other)
+    with pytest.raises(expert_store.ExpertMismatchError) as e:
+        expert_store.ExpertStore.open(str(tmp_path), other)
     msg = str(e.value)
     assert "model.width: stored 4, requested 128" in msg
     assert "preprocessing.zca: stored False, requested True" in msg
     other = dict(SPEC, dataset="mnist")
     with pytest.raises(
-        experts.ExpertMismatchError, match="dataset: stored 'digits', requested 'mnist'"
+        expert_store.ExpertMismatchError, match="dataset: stored 'digits', requested 'mnist'"
     ):
-        experts.ExpertStore.open(str(tmp_path), other)
+        expert_store.ExpertStore.open(str(tmp_path), other)
 
 
 def test_different_training_settings_are_refused(tmp_path):
-    experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3, training={"lr": 0.01})
-    with pytest.raises(experts.ExpertMismatchError, match="training.lr"):
-        experts.ExpertStore.open_or_create(
+    expert_store.ExpertStore.create(
+        str(tmp_path), SPEC, num_experts=1, epochs=3, training={"lr": 0.01}
+    )
+    with pytest.raises(expert_store.ExpertMismatchError, match="training.lr"):
+        expert_store.ExpertStore.open_or_create(
             str(tmp_path), SPEC, num_experts=1, epochs=3, training={"lr": 0.1}
         )
-    with pytest.raises(experts.ExpertMismatchError, match="epochs"):
-        experts.ExpertStore.open_or_create(
+    with pytest.raises(expert_store.ExpertMismatchError, match="epochs"):
+        expert_store.ExpertStore.open_or_create(
             str(tmp_path), SPEC, num_experts=1, epochs=9, training={"lr": 0.01}
         )
 
 
 def test_parameters_that_do_not_fit_the_model_are_refused(tmp_path):
     net, traj = _traj()
-    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
+    store = expert_store.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
     store.save_expert(0, traj)
     wide = models.ConvNet(num_classes=3, width=8, depth=1)
     like = wide.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]
     with pytest.raises(
-        experts.ExpertMismatchError,
+        expert_store.ExpertMismatchError,
         match=r"stored shape \(3, 3, 1, 4\), model expects \(3, 3, 1, 8\)",
     ):
         store.load_pair(0, 0, 1, like=like)
 
 
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
-    with pytest.raises(experts.ExpertError, match="no expert store"):
-        experts.ExpertStore.open(str(tmp_path / "nothing"))
+    with pytest.raises(expert_store.ExpertError, match="no expert store"):
+        expert_store.ExpertStore.open(str(tmp_path / "nothing"))
     net, traj = _traj()
-    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
+    store = expert_store.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3)
     store.save_expert(0, traj)
-    with pytest.raises(experts.ExpertError, match="not finished"):
+    with pytest.raises(expert_store.ExpertError, match="not finished"):
         store.load_pair(5, 0, 1)
     # Damage the checkpoint's data files.
     for root, _, files in os.walk(tmp_path / "expert_0000"):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.raises(experts.ExpertError, match="corrupt"):
+    with pytest.raises(expert_store.ExpertError, match="corrupt"):
         store.load_pair(0, 0, 1)
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(experts.ExpertError, match="corrupt expert manifest"):
-        experts.ExpertStore.open(str(tmp_path))
+    with pytest.raises(expert_store.ExpertError, match="corrupt expert manifest"):
+        expert_store.ExpertStore.open(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -154,7 +156,7 @@ def test_training_records_every_epoch_and_resumes_expert_by_expert(tmp_path, dig
         num_experts=3, epochs=2, batch_size=64, parallel=2, dsa_strategy="crop"
     )
     spec = dict(SPEC, num_classes=10)
-    store = experts.ExpertStore.create(str(tmp_path), spec, num_experts=3, epochs=2)
+    store = expert_store.ExpertStore.create(str(tmp_path), spec, num_experts=3, epochs=2)
     aug = augment.make_augment("crop")
     # Train only the first group (an interrupted run), then resume.
     res = experts.train_experts(
@@ -185,10 +187,10 @@ def test_a_diverged_expert_is_refused_not_saved(tmp_path, digits):
     cfg = experts.ExpertConfig(
         num_experts=1, epochs=1, batch_size=16, parallel=1, dsa_strategy="none", lr=1e30
     )
-    store = experts.ExpertStore.create(
+    store = expert_store.ExpertStore.create(
         str(tmp_path), dict(SPEC, num_classes=10), num_experts=1, epochs=1
     )
-    with pytest.raises(experts.ExpertError, match="diverged"):
+    with pytest.raises(expert_store.ExpertError, match="diverged"):
         experts.generate_experts(
             store,
             net,
@@ -253,9 +255,9 @@ def test_expert_sharpness_is_part_of_the_store_identity(tmp_path):
     flat_cfg = configs.make_run_config("digits", 1, "mtt", "default", {"expert_sharpness": "gsam"})
     plain, flat = pipeline.expert_training(cfg), pipeline.expert_training(flat_cfg)
     assert plain["sharpness"] == "none" and flat["sharpness"] == "gsam" and "rho" in flat
-    experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3, training=plain)
-    with pytest.raises(experts.ExpertMismatchError, match="sharpness"):
-        experts.ExpertStore.open_or_create(
+    expert_store.ExpertStore.create(str(tmp_path), SPEC, num_experts=1, epochs=3, training=plain)
+    with pytest.raises(expert_store.ExpertMismatchError, match="sharpness"):
+        expert_store.ExpertStore.open_or_create(
             str(tmp_path), SPEC, num_experts=1, epochs=3, training=flat
         )
     with pytest.raises(ValueError, match="expert sharpness"):
@@ -273,7 +275,7 @@ def test_a_run_reads_only_as_many_experts_as_it_asks_for(tmp_path):
     from satm_jax.experiment import configs, pipeline
 
     net, traj = _traj()
-    store = experts.ExpertStore.create(str(tmp_path), SPEC, num_experts=3, epochs=3)
+    store = expert_store.ExpertStore.create(str(tmp_path), SPEC, num_experts=3, epochs=3)
     for i in range(3):
         store.save_expert(i, [jax.tree.map(lambda x, i=i: x + 10 * i, p) for p in traj])
     cfg = configs.make_run_config(
@@ -284,5 +286,24 @@ def test_a_run_reads_only_as_many_experts_as_it_asks_for(tmp_path):
     first = jax.tree.leaves(bank.params)[0]
     np.testing.assert_allclose(first[1, 0], jax.tree.leaves(traj[0])[0] + 10)
     more = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, num_experts=4))
-    with pytest.raises(experts.ExpertError, match="holds 3 finished experts, the run needs 4"):
+    with pytest.raises(expert_store.ExpertError, match="holds 3 finished experts, the run needs 4"):
         pipeline.load_expert_bank(store, more, traj[0])
+
+
+def test_find_compatible_needs_the_same_spec_and_training_more_epochs_and_enough_experts(
+    tmp_path,
+):
+    net, traj = _traj()
+    store = expert_store.ExpertStore.create(
+        str(tmp_path / "b"), SPEC, num_experts=2, epochs=3, training={"lr": 0.01}
+    )
+    store.save_expert(0, traj)
+    store.save_expert(1, traj)
+    find = expert_store.find_compatible
+    root = str(tmp_path)
+    assert find(root, SPEC, {"lr": 0.01}, epochs=2, num_experts=2) == store.directory
+    assert find(root, SPEC, {"lr": 0.01}, epochs=3, num_experts=2) is None  # not more epochs
+    assert find(root, SPEC, {"lr": 0.01}, epochs=2, num_experts=3) is None  # too few experts
+    assert find(root, SPEC, {"lr": 0.1}, epochs=2, num_experts=1) is None  # other training
+    assert find(root, dict(SPEC, dataset="mnist"), {"lr": 0.01}, epochs=2, num_experts=1) is None
+    assert find(str(tmp_path / "absent"), SPEC, {"lr": 0.01}, epochs=2, num_experts=1) is None

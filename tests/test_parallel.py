@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import augment, distill, experts, models, parallel
+from satm_jax import augment, distill, expert_store, experts, jsonio, models, parallel
 from tests.helpers import synthetic_bank, tiny_problem, tree_allclose
 
 
@@ -163,11 +163,11 @@ def test_multi_host_initialisation_passes_the_launch_arguments(monkeypatch):
 
 @pytest.mark.parametrize("index,writes", [(0, True), (1, False)])
 def test_only_process_zero_writes_outputs(tmp_path, monkeypatch, index, writes):
-    from satm_jax import outputs, parallel
+    from satm_jax import jsonio, outputs, parallel
 
     monkeypatch.setattr(parallel.jax, "process_index", lambda: index)
     assert parallel.is_main_process() == writes
-    outputs.write_json(str(tmp_path / "a.json"), {"a": 1})
+    jsonio.write_json(str(tmp_path / "a.json"), {"a": 1})
     w = outputs.MetricsWriter(str(tmp_path), tensorboard=False)
     w.iteration(1, {"loss": 0.5})
     w.scalar(1, "eval/acc_mean", 50.0)
@@ -180,23 +180,22 @@ def test_only_process_zero_writes_outputs(tmp_path, monkeypatch, index, writes):
 
 @pytest.mark.parametrize("index", [0, 1])
 def test_every_process_meets_at_a_barrier_before_and_after_each_write(tmp_path, monkeypatch, index):
-    from satm_jax import outputs
 
     seen = []
     monkeypatch.setattr(parallel.jax, "process_index", lambda: index)
     monkeypatch.setattr(parallel, "sync", seen.append)
 
-    @outputs.main_process_only
+    @parallel.main_process_only
     def report(path):  # a writer that calls another: it meets only at its own barriers
-        outputs.write_json(path, {"a": 1})
+        jsonio.write_json(path, {"a": 1})
 
     report(str(tmp_path / "a.json"))
     name = f"{__name__}.{report.__qualname__}"
     assert seen == [f"{name}:before", f"{name}:after"]
     assert os.path.exists(tmp_path / "a.json") == (index == 0)
     seen.clear()
-    experts.ExpertStore.create(str(tmp_path / "store"), {"a": 1}, num_experts=1, epochs=1)
-    assert seen == ["satm_jax.outputs.write_json:before", "satm_jax.outputs.write_json:after"]
+    expert_store.ExpertStore.create(str(tmp_path / "store"), {"a": 1}, num_experts=1, epochs=1)
+    assert seen == ["satm_jax.jsonio.write_json:before", "satm_jax.jsonio.write_json:after"]
     assert os.path.exists(tmp_path / "store" / "manifest.json") == (index == 0)
 
 

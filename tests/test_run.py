@@ -8,7 +8,7 @@ import pytest
 
 import satm_jax
 from experiments import run as run_lib
-from satm_jax import data
+from satm_jax import data, expert_store
 from satm_jax.experiment import configs, pipeline
 from tests.helpers import TINY, read_json, read_text, run_module
 
@@ -180,14 +180,13 @@ def test_validate_configs_checks_the_expert_window(digits):
 
 
 def test_runs_reuse_a_store_trained_for_more_epochs(tmp_path, digits):
-    from satm_jax import experts
 
     short = configs.make_run_config("digits", 1, "mtt", overrides={"expert_train_epochs": 8})
     long = configs.make_run_config("digits", 1, "mtt", overrides={"expert_train_epochs": 12})
     data = pipeline.PreparedData(digits, None, None, None, None, None)
     wd = str(tmp_path)
     d_long = pipeline.expert_dir(wd, long, data)
-    store = experts.ExpertStore.create(
+    store = expert_store.ExpertStore.create(
         d_long,
         pipeline.expert_spec(long, data),
         num_experts=10,

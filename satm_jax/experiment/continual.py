@@ -87,6 +87,7 @@ import numpy as np
 from satm_jax import data as data_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import herding as herding_lib
+from satm_jax import jsonio, parallel
 from satm_jax import models as models_lib
 from satm_jax import outputs as outputs_lib
 from satm_jax.experiment import configs as configs_lib
@@ -371,7 +372,7 @@ class ContinualConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return outputs_lib.to_jsonable(dataclasses.asdict(self))
+        return jsonio.to_jsonable(dataclasses.asdict(self))
 
 
 def method_config(ccfg: ContinualConfig, method: str) -> RunConfig:
@@ -492,7 +493,7 @@ def make_stage(
     )
     directory = stage_dir(workdir, dataset.name, order_seed, k, classes)
     os.makedirs(directory, exist_ok=True)
-    outputs_lib.write_json(
+    jsonio.write_json(
         os.path.join(directory, "stage.json"),
         {
             "dataset": dataset.name,
@@ -579,14 +580,14 @@ def memory_key(ccfg: ContinualConfig, cfg: RunConfig, method: str, stage: Stage)
         key["training"] = dataclasses.asdict(feature_training(ccfg, cfg))
     else:
         key["run"] = stage_run_config(cfg).to_dict()
-    return outputs_lib.to_jsonable(key)
+    return jsonio.to_jsonable(key)
 
 
 def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@outputs_lib.main_process_only
+@parallel.main_process_only
 def save_memory(path: str, memory: StageMemory, key: dict) -> None:
     """Writes a stage memory atomically (``.npz``) with its key."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -719,10 +720,10 @@ def plot_continual(path: str, out: dict[str, Any]) -> str:
     return path
 
 
-@outputs_lib.main_process_only
+@parallel.main_process_only
 def write_outputs(out: dict[str, Any], workdir: str, *, plot: bool = True) -> None:
     """``continual.json``, ``continual.md`` and (with ``plot``) ``continual.png``."""
-    outputs_lib.write_json(os.path.join(workdir, "continual.json"), out)
+    jsonio.write_json(os.path.join(workdir, "continual.json"), out)
     md = os.path.join(workdir, "continual.md")
     with open(md + ".tmp", "w") as f:
         f.write(markdown_table(out))
@@ -800,12 +801,12 @@ def run_continual(
         "class_orders": [o.tolist() for o in orders],
         "classes_per_stage": per,
         "lr": ccfg.lr,
-        "eval": outputs_lib.to_jsonable(dataclasses.asdict(base.eval)),
+        "eval": jsonio.to_jsonable(dataclasses.asdict(base.eval)),
         "eval_model": eval_identity,
         "unseen_logits": "not masked (all classes' outputs, argmax over all)",
         "preprocessing_fit": "whole training split",
         "continual": ccfg.to_dict(),
-        "runs": {m: outputs_lib.to_jsonable(c.to_dict()) for m, c in stage_cfgs.items()},
+        "runs": {m: jsonio.to_jsonable(c.to_dict()) for m, c in stage_cfgs.items()},
         "herding": dataclasses.asdict(feature_training(ccfg, base))
         if "herding" in ccfg.methods
         else None,
@@ -851,7 +852,7 @@ def run_continual(
                     save_memory(mpath, mem, mkey)
                 memories[m].append(mem)
                 digests[m].append(_digest(mkey))
-                rkey = outputs_lib.to_jsonable(
+                rkey = jsonio.to_jsonable(
                     {
                         "memories": digests[m],
                         "classes_seen": seen.tolist(),
@@ -863,7 +864,7 @@ def run_continual(
                     }
                 )
                 rpath = os.path.join(stage.directory, m, "result.json")
-                cached = outputs_lib.read_json(rpath)
+                cached = jsonio.read_json(rpath)
                 if cached is not None and cached.get("complete") and cached.get("key") == rkey:
                     accs = np.asarray(cached["accs"], np.float64)
                     log(f"{where}: evaluation reused from {rpath}")
@@ -882,7 +883,7 @@ def run_continual(
                         desc=f"eval {m} order{order_seed} stage{k}",
                     )
                     accs = np.asarray(res.accs, np.float64)
-                    outputs_lib.write_json(
+                    jsonio.write_json(
                         rpath,
                         {
                             "key": rkey,

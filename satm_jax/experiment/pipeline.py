@@ -30,7 +30,7 @@ import numpy as np
 
 from satm_jax import augment as augment_lib
 from satm_jax import checkpoint as checkpoint_lib
-from satm_jax import convergence, parallel
+from satm_jax import convergence, expert_store, jsonio, parallel
 from satm_jax import data as data_lib
 from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
@@ -166,40 +166,28 @@ def expert_dir(workdir: str, cfg: RunConfig, data: PreparedData) -> str:
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     own = os.path.join(workdir, "experts", f"{cfg.dataset}-{digest}")
-    if os.path.exists(os.path.join(own, experts_lib.MANIFEST)):
+    if os.path.exists(os.path.join(own, expert_store.MANIFEST)):
         return own
-    return _compatible_store(workdir, cfg, data) or own
-
-
-def _compatible_store(workdir: str, cfg: RunConfig, data: PreparedData) -> str | None:
-    root = os.path.join(workdir, "experts")
-    if not os.path.isdir(root):
-        return None
-    spec = outputs_lib.to_jsonable(expert_spec(cfg, data))
-    training = outputs_lib.to_jsonable(expert_training(cfg))
-    for name in sorted(os.listdir(root)):
-        m = outputs_lib.read_json(os.path.join(root, name, experts_lib.MANIFEST))
-        if (
-            m is not None
-            and m.get("spec") == spec
-            and m.get("training") == training
-            and m.get("epochs", 0) > cfg.experts.epochs
-            and len(m.get("completed", [])) >= cfg.experts.num_experts
-        ):
-            return os.path.join(root, name)
-    return None
+    found = expert_store.find_compatible(
+        os.path.join(workdir, "experts"),
+        expert_spec(cfg, data),
+        expert_training(cfg),
+        epochs=cfg.experts.epochs,
+        num_experts=cfg.experts.num_experts,
+    )
+    return found or own
 
 
 def ensure_experts(
     cfg: RunConfig, data: PreparedData, workdir: str, *, progress: bool = True, log: Log = _print
-) -> experts_lib.ExpertStore:
+) -> expert_store.ExpertStore:
     """Opens (or creates) the expert store for ``cfg`` and trains its missing experts."""
     directory = expert_dir(workdir, cfg, data)
-    manifest = outputs_lib.read_json(os.path.join(directory, experts_lib.MANIFEST))
+    manifest = expert_store.read_manifest(directory)
     if manifest is not None and manifest.get("epochs", 0) > cfg.experts.epochs:
         log(f"experts: reusing {directory} (trained for {manifest['epochs']} epochs)")
-        return experts_lib.ExpertStore.open(directory, expert_spec(cfg, data))
-    store = experts_lib.ExpertStore.open_or_create(
+        return expert_store.ExpertStore.open(directory, expert_spec(cfg, data))
+    store = expert_store.ExpertStore.open_or_create(
         directory,
         expert_spec(cfg, data),
         num_experts=cfg.experts.num_experts,
@@ -232,7 +220,7 @@ def ensure_experts(
     return store
 
 
-def load_expert_bank(store: experts_lib.ExpertStore, cfg: RunConfig, like: Any):
+def load_expert_bank(store: expert_store.ExpertStore, cfg: RunConfig, like: Any):
     """The first ``cfg.experts.num_experts`` finished experts of ``store`` (a store may hold
     more, e.g. one shared with a run that asked for more), epochs up to what matching reads.
 
@@ -242,7 +230,7 @@ def load_expert_bank(store: experts_lib.ExpertStore, cfg: RunConfig, like: Any):
     done = sorted(store.completed())
     n = cfg.experts.num_experts
     if len(done) < n:
-        raise experts_lib.ExpertError(
+        raise expert_store.ExpertError(
             f"{store.directory} holds {len(done)} finished experts, the run needs {n}"
         )
     return store.load_bank(cfg.distill.max_epoch_needed, like=like, indices=done[:n])
@@ -378,7 +366,7 @@ def initial_set(
     cfg: RunConfig,
     data: PreparedData,
     apply_fn: Callable[..., jax.Array] | None = None,
-    bank: experts_lib.ExpertBank | None = None,
+    bank: expert_store.ExpertBank | None = None,
     log: Log = _print,
 ) -> tuple[jax.Array, np.ndarray, jax.Array | None]:
     """The synthetic set's start: ``(images, class ids, label logits or None)``.
@@ -437,7 +425,7 @@ def _unlabelled(d: dict[str, Any]) -> dict[str, Any]:
 def distill_and_evaluate(
     cfg: RunConfig,
     data: PreparedData,
-    store: experts_lib.ExpertStore,
+    store: expert_store.ExpertStore,
     workdir: str,
     *,
     progress: bool = True,
@@ -458,8 +446,8 @@ def distill_and_evaluate(
     flat_id = flatness.validate().identity() if flatness is not None else None
     rundir = os.path.join(workdir, "runs", cfg.name)
     os.makedirs(rundir, exist_ok=True)
-    cfg_dict = outputs_lib.to_jsonable(cfg.to_dict())
-    cached = outputs_lib.read_json(os.path.join(rundir, "result.json"))
+    cfg_dict = jsonio.to_jsonable(cfg.to_dict())
+    cached = jsonio.read_json(os.path.join(rundir, "result.json"))
     if (
         cached is not None
         and cached.get("complete")
@@ -470,7 +458,7 @@ def distill_and_evaluate(
         log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
         label = {"variant": cfg.variant} if cfg.variant else {}
         return [{**_unlabelled(row), **label} for row in cached["rows"]]
-    outputs_lib.write_json(os.path.join(rundir, "config.json"), cfg_dict)
+    jsonio.write_json(os.path.join(rundir, "config.json"), cfg_dict)
 
     model = models_lib.build_model(cfg.model, data.num_classes)
     like = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
@@ -514,7 +502,7 @@ def distill_and_evaluate(
         state, bank = parallel.replicate((state, bank), mesh)
         log(f"{cfg.name}: inner minibatches split across {parallel.num_devices(mesh)} devices")
     metrics_log = outputs_lib.MetricsWriter(rundir, start_iteration=int(state.iteration))
-    evals = outputs_lib.read_json(os.path.join(rundir, "evals.json")) or {}
+    evals = jsonio.read_json(os.path.join(rundir, "evals.json")) or {}
 
     def eval_fn(st):
         it = int(st.iteration)
@@ -536,7 +524,7 @@ def distill_and_evaluate(
         evals[str(it)] = {"acc_mean": res.mean, "acc_std": res.std, "accs": res.accs.tolist()}
         if final:
             evals[str(it)].update(ood=ood_id, ood_accs=ood_lib.accs_to_json(res.extra))
-        outputs_lib.write_json(os.path.join(rundir, "evals.json"), evals)
+        jsonio.write_json(os.path.join(rundir, "evals.json"), evals)
         metrics_log.scalar(it, "eval/acc_mean", res.mean)
         outputs_lib.save_synthetic_grid(rundir, cfg, data, x, y, it)
         outputs_lib.plot_run(rundir, cfg)
@@ -570,14 +558,14 @@ def distill_and_evaluate(
     distill_s = time.time() - t0
     images, labels = final_set(cfg, state)
     report = run_convergence(rundir, images0, state.images)
-    outputs_lib.write_json(os.path.join(rundir, "convergence.json"), report)
+    jsonio.write_json(os.path.join(rundir, "convergence.json"), report)
     for w in report["warnings"]:
         log(f"warning: {cfg.name}: {w}")
     outputs_lib.export_distilled(os.path.join(rundir, "distilled.npz"), cfg, data, state, images)
     outputs_lib.plot_run(rundir, cfg)
     flat = None
     if flatness is not None:
-        flat = outputs_lib.read_json(os.path.join(rundir, "flatness.json"))
+        flat = jsonio.read_json(os.path.join(rundir, "flatness.json"))
         if flat is None or flat.get("config") != flat_id:
             held_cfg = heldout_config(cfg, flatness)
             held = ensure_experts(held_cfg, data, workdir, progress=progress, log=log)
@@ -594,7 +582,7 @@ def distill_and_evaluate(
                     load_expert_bank(held, held_cfg, like),
                 ),
             }
-            outputs_lib.write_json(os.path.join(rundir, "flatness.json"), flat)
+            jsonio.write_json(os.path.join(rundir, "flatness.json"), flat)
         log(
             f"{cfg.name} flatness: loss sampled {flat['loss_sampled']:.4f} held-out "
             f"{flat['loss_heldout']:.4f}, worst-case increase {flat['worst_case_increase']:.4g}, "
@@ -643,7 +631,7 @@ def distill_and_evaluate(
             )
         )
         log(f"{cfg.name} [{name}]: {res.summary()} %")
-    outputs_lib.write_json(
+    jsonio.write_json(
         os.path.join(rundir, "result.json"),
         {"config": cfg_dict, "rows": rows, "ood": ood_id, "flatness": flat_id, "complete": True},
     )
@@ -673,8 +661,8 @@ def measure_flatness(
     state: distill_lib.DistillState,
     apply_fn: Any,
     augment_fn: Any,
-    sampled_bank: experts_lib.ExpertBank,
-    heldout_bank: experts_lib.ExpertBank,
+    sampled_bank: expert_store.ExpertBank,
+    heldout_bank: expert_store.ExpertBank,
 ) -> dict[str, float]:
     """``satm_jax.flatness.measure`` of the final set: the matching loss at the learned step
     size on ``flatness.samples`` trajectories drawn alike (same key, so the same minibatches
@@ -821,8 +809,8 @@ def _baseline_key(cfg: RunConfig, ood: ood_lib.OodConfig | None, **extra: Any) -
     """What a cached baseline result must match to be reused."""
     return {
         "dataset": cfg.dataset,
-        "eval": outputs_lib.to_jsonable(dataclasses.asdict(cfg.eval)),
-        "model": outputs_lib.to_jsonable(dataclasses.asdict(cfg.model)),
+        "eval": jsonio.to_jsonable(dataclasses.asdict(cfg.eval)),
+        "model": jsonio.to_jsonable(dataclasses.asdict(cfg.model)),
         "preprocessing": cfg.preprocessing.identity(),
         **({"ood": ood.identity()} if ood is not None else {}),
         **extra,
@@ -836,7 +824,7 @@ def _cached_baseline(
     log: Log,
     what: str,
 ) -> evaluate_lib.EvalResult:
-    cached = outputs_lib.read_json(path)
+    cached = jsonio.read_json(path)
     if cached is not None and cached.get("key") == key:
         log(f"{what}: reused from {path}")
         return evaluate_lib.EvalResult(
@@ -846,7 +834,7 @@ def _cached_baseline(
     out = {"key": key, "accs": res.accs.tolist()}
     if res.extra:
         out["ood_accs"] = ood_lib.accs_to_json(res.extra)
-    outputs_lib.write_json(path, out)
+    jsonio.write_json(path, out)
     return res
 
 
@@ -914,7 +902,7 @@ def train_and_evaluate(
         "preset": first.preset,
         "source": first.source,
         "reduced": any(c.reduced for c in configs),
-        "runs": {c.name: outputs_lib.to_jsonable(c.to_dict()) for c in configs},
+        "runs": {c.name: jsonio.to_jsonable(c.to_dict()) for c in configs},
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.local_devices()],
         "processes": jax.process_count(),
@@ -924,14 +912,14 @@ def train_and_evaluate(
 
     def write_results() -> dict[str, Any]:
         out = {"results": rows, "config": config_dict, "wall_s": round(time.time() - t_start, 2)}
-        outputs_lib.write_json(results_path, out)
+        jsonio.write_json(results_path, out)
         outputs_lib.write_results_table(os.path.join(workdir, f"{results_name}.md"), out)
         if ood is not None:
             ood_lib.write_report(workdir, rows, stem=f"{results_name}_ood")
         return out
 
     done_random: set[int] = set()
-    stores: dict[str, experts_lib.ExpertStore] = {}
+    stores: dict[str, expert_store.ExpertStore] = {}
     for cfg in configs:
         data = data_for(cfg)
         if baselines and cfg.ipc not in done_random:
