@@ -2,7 +2,9 @@
 
 The modules, one idea each:
 
-* ``models``: MTT's ConvNet (and the evaluation pool), convolution chosen per backend;
+* ``models``: MTT's ConvNet and its layers, convolution chosen per backend;
+* ``model_pool``: the cross-architecture evaluation pool (ResNet-18, VGG-11, AlexNet);
+* ``model_registry``: networks by name (``ModelConfig``, ``build_model``);
 * ``augment``: differentiable siamese augmentation (DSA);
 * ``zca``: ZCA whitening as the reference computes it;
 * ``data``: datasets by name, preprocessing;

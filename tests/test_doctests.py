@@ -54,6 +54,7 @@ def test_the_documented_modules_are_all_found():
         "flatness",
         "jsonio",
         "matching",
+        "model_registry",
         "models",
         "outputs",
         "parallel",

@@ -1,4 +1,4 @@
-"""The cross-architecture evaluation pool (MTT's ``networks.py``) in ``satm_jax.models``.
+"""The cross-architecture evaluation pool (MTT's ``networks.py``) in ``satm_jax.model_pool``.
 
 Reference parameter counts for CIFAR-10 shapes (32x32x3, 10 classes), from the reference
 definitions (PyTorch counts ``BatchNorm2d`` running statistics as buffers, not parameters; a
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import models, train
+from satm_jax import model_pool, model_registry, models, train
 
 POOL = ("resnet18", "resnet18_bn", "resnet18_ap", "vgg11", "vgg11_bn", "alexnet")
 BN = ("resnet18_bn", "resnet18_ap", "vgg11_bn")
@@ -79,7 +79,7 @@ CIFAR10_COUNTS = {
 
 
 def _build(name, classes=10):
-    return models.build_model(models.ModelConfig(name=name), classes)
+    return model_registry.build_model(model_registry.ModelConfig(name=name), classes)
 
 
 def _shapes(name, shape, classes=10, train_mode=False):
@@ -103,7 +103,7 @@ def test_the_reference_counts_follow_from_the_definitions():
 
 @pytest.mark.parametrize("name", POOL)
 def test_parameter_counts_equal_the_reference_models(name):
-    assert name in models.MODELS
+    assert name in model_registry.MODELS
     v, logits = _shapes(name, (32, 32, 3))
     assert logits.shape == (3, 10)
     assert models.count_params(v["params"]) == CIFAR10_COUNTS[name]
@@ -165,7 +165,7 @@ def test_resnet_blocks_downsample_as_the_reference():
 
 def test_max_pool_matches_pytorch_floor_semantics():
     x = jnp.arange(2 * 5 * 7 * 3, dtype=jnp.float32).reshape(2, 5, 7, 3) % 11
-    y = np.asarray(models.max_pool_2x2(x))
+    y = np.asarray(model_pool.max_pool_2x2(x))
     xn = np.asarray(x)[:, :4, :6]
     ref = xn.reshape(2, 2, 2, 3, 2, 3).max(axis=(2, 4))
     np.testing.assert_array_equal(y, ref)

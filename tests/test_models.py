@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import models
+from satm_jax import model_registry, models
 from tests.helpers import slow_cases, tree_allclose
 
 
@@ -113,9 +113,9 @@ def test_any_number_of_input_channels_and_odd_sizes():
 
 def test_unknown_model_and_norm_are_refused():
     with pytest.raises(ValueError, match="unknown model"):
-        models.build_model(models.ModelConfig(name="nope"), 10)
+        model_registry.build_model(model_registry.ModelConfig(name="nope"), 10)
     with pytest.raises(ValueError, match="unknown norm"):
-        models.build_model(models.ModelConfig(norm="layer"), 10)
+        model_registry.build_model(model_registry.ModelConfig(norm="layer"), 10)
 
 
 @pytest.mark.slow

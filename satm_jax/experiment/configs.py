@@ -34,7 +34,7 @@ from satm_jax.data import Preprocessing
 from satm_jax.distill import DistillConfig
 from satm_jax.evaluate import EvalConfig
 from satm_jax.experts import ExpertConfig
-from satm_jax.models import ModelConfig
+from satm_jax.model_registry import ModelConfig
 
 METHODS = ("mtt", "satm")
 PRESETS = ("auto", "default", "paper", "cpu")

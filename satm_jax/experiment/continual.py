@@ -87,8 +87,7 @@ import numpy as np
 from satm_jax import data as data_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import herding as herding_lib
-from satm_jax import jsonio, parallel
-from satm_jax import models as models_lib
+from satm_jax import jsonio, model_registry, parallel
 from satm_jax import outputs as outputs_lib
 from satm_jax.experiment import configs as configs_lib
 from satm_jax.experiment import pipeline as pipeline_lib
@@ -536,7 +535,7 @@ def herding_memory(
 ) -> StageMemory:
     """Herding on the features of a network trained on the stage's images only."""
     c = len(stage.classes)
-    model = models_lib.build_model(cfg.model, c)
+    model = model_registry.build_model(cfg.model, c)
     variables = herding_lib.train_feature_network(
         model,
         stage.data.train_x,

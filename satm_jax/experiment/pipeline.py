@@ -30,7 +30,7 @@ import numpy as np
 
 from satm_jax import augment as augment_lib
 from satm_jax import checkpoint as checkpoint_lib
-from satm_jax import convergence, expert_store, jsonio, parallel
+from satm_jax import convergence, expert_store, jsonio, model_registry, parallel
 from satm_jax import data as data_lib
 from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
@@ -107,13 +107,13 @@ def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> Non
                 f"({cfg.ipc * dataset.num_classes} images)"
             )
         try:
-            models_lib.build_model(cfg.model, dataset.num_classes)
+            model_registry.build_model(cfg.model, dataset.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         for name in cfg.eval_models:
-            if name not in models_lib.MODELS:
+            if name not in model_registry.MODELS:
                 raise ConfigError(
-                    f"unknown evaluation model {name!r}; choose from {sorted(models_lib.MODELS)}"
+                    f"unknown evaluation model {name!r}; choose from {sorted(model_registry.MODELS)}"
                 )
         for strategy in (cfg.experts.dsa_strategy, cfg.distill.dsa_strategy, cfg.eval.dsa_strategy):
             try:
@@ -200,7 +200,7 @@ def ensure_experts(
             f"training {len(missing)} expert(s) on {cfg.dataset} for {cfg.experts.epochs} epochs "
             f"-> {directory}"
         )
-    model = models_lib.build_model(cfg.model, data.num_classes)
+    model = model_registry.build_model(cfg.model, data.num_classes)
     experts_lib.generate_experts(
         store,
         model,
@@ -249,8 +249,8 @@ def eval_model(cfg: RunConfig, name: str, num_classes: int):
         model = cfg.model
         if cfg.eval.width is not None:
             model = dataclasses.replace(model, width=cfg.eval.width)
-        return models_lib.build_model(model, num_classes)
-    return models_lib.build_model(models_lib.ModelConfig(name=name), num_classes)
+        return model_registry.build_model(model, num_classes)
+    return model_registry.build_model(model_registry.ModelConfig(name=name), num_classes)
 
 
 def ood_test_sets(
@@ -460,7 +460,7 @@ def distill_and_evaluate(
         return [{**_unlabelled(row), **label} for row in cached["rows"]]
     jsonio.write_json(os.path.join(rundir, "config.json"), cfg_dict)
 
-    model = models_lib.build_model(cfg.model, data.num_classes)
+    model = model_registry.build_model(cfg.model, data.num_classes)
     like = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
     bank = load_expert_bank(store, cfg, like)
     augment_fn = augment_lib.make_augment(cfg.distill.dsa_strategy)
