@@ -200,7 +200,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from satm_jax import data as data_lib
+    from satm_jax import datasets as data_lib
     from satm_jax.experiment import pipeline
     from satm_jax.expert_store import ExpertError
 

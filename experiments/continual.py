@@ -128,7 +128,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import jax
 
-    from satm_jax import data as data_lib
+    from satm_jax import datasets as data_lib
     from satm_jax.experiment import continual
 
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes (imported on call, so that ``--help`` stays fast)."""
-    from satm_jax import corruptions, data, ood
+    from satm_jax import corruptions, datasets, ood
     from satm_jax.checkpoint import CheckpointError
     from satm_jax.distill import DistillError
     from satm_jax.experiment import configs
@@ -17,7 +17,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         configs.ConfigError,
         ood.OodError,
         corruptions.CorruptionDataError,
-        data.DatasetError,
+        datasets.DatasetError,
         ExpertError,
         CheckpointError,
         DistillError,

@@ -58,7 +58,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from satm_jax import data
+    from satm_jax import datasets
     from satm_jax import ood as ood_lib
     from satm_jax.experiment import configs, pipeline
 
@@ -86,7 +86,7 @@ def main(argv):
         ValueError,
         OSError,
         configs.ConfigError,
-        data.DatasetError,
+        datasets.DatasetError,
         ood_lib.corruptions_lib.CorruptionDataError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)

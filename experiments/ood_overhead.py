@@ -38,7 +38,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from satm_jax import data
+    from satm_jax import datasets
     from satm_jax.experiment import configs, pipeline
 
     if not FLAGS.eval_ood:
@@ -47,7 +47,7 @@ def main(argv):
     if FLAGS.epochs:
         cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, epochs=FLAGS.epochs))
     prepared = pipeline.prepare_data(
-        data.load_dataset(FLAGS.dataset, data_dir=FLAGS.data_dir), cfg.preprocessing
+        datasets.load_dataset(FLAGS.dataset, data_dir=FLAGS.data_dir), cfg.preprocessing
     )
     request = ood_flags.ood_from_flags(FLAGS.dataset, FLAGS.data_dir)
     t = time.perf_counter()

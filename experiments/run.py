@@ -6,7 +6,7 @@ full training set (about 5 minutes on 2 CPU cores)::
 
     python -m experiments.run
 
-Other datasets read their official files from ``--data_dir`` (see ``satm_jax.data``)::
+Other datasets read their official files from ``--data_dir`` (see ``satm_jax.datasets``)::
 
     python -m experiments.run --dataset=fashion_mnist --ipc=1 --preset=cpu
     python -m experiments.run --dataset=cifar10 --ipc=10 --method=satm --data_dir=~/data
@@ -30,7 +30,7 @@ from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("dataset", "digits", "Dataset name (satm_jax.data.DATASETS).")
+flags.DEFINE_string("dataset", "digits", "Dataset name (satm_jax.datasets.DATASETS).")
 flags.DEFINE_list(
     "ipc", None, "Images per class, comma-separated (default: 1,10 on digits, else 1)."
 )
@@ -84,7 +84,7 @@ def build_configs(
     data_dir: str | None,
 ) -> list[configs_lib.RunConfig]:
     """One RunConfig per (ipc, method); raises ConfigError/DatasetError on bad names."""
-    from satm_jax import data as data_lib
+    from satm_jax import datasets as data_lib
 
     data_lib.check_dataset_name(dataset)
     return configs_lib.make_run_configs(dataset, ipcs, methods, preset, overrides, data_dir)

@@ -84,7 +84,7 @@ def run_study(
     """Runs (or reuses) every point for every seed; returns ``{"rows": [...], "points": [...]}``
     with the condensed set's row of each run (its ``flatness`` object included) and the
     per-point aggregates of ``aggregate``."""
-    from satm_jax import data as data_lib
+    from satm_jax import datasets as data_lib
     from satm_jax import outputs
     from satm_jax.experiment import pipeline
 

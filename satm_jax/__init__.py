@@ -7,7 +7,8 @@ The modules, one idea each:
 * ``model_registry``: networks by name (``ModelConfig``, ``build_model``);
 * ``augment``: differentiable siamese augmentation (DSA);
 * ``zca``: ZCA whitening as the reference computes it;
-* ``data``: datasets by name, preprocessing;
+* ``datasets``: datasets by name (``registry``, ``loaders``, the file ``readers``, ``archives``,
+  ``images``, ``cache``), preprocessing and per-class sampling;
 * ``experts``: training expert trajectories and sampling them for matching;
 * ``expert_store``: their orbax storage with a manifest, and finding a compatible store;
 * ``jsonio``: JSON files (atomic, process 0 only) and config-tree comparison; ``outputs``:
@@ -30,7 +31,7 @@ The modules, one idea each:
 
 from satm_jax import (
     augment,
-    data,
+    datasets,
     distill,
     evaluate,
     experts,
@@ -41,7 +42,7 @@ from satm_jax import (
     zca,
 )
 from satm_jax.augment import make_augment
-from satm_jax.data import load_dataset
+from satm_jax.datasets import load_dataset
 from satm_jax.distill import DistillConfig, DistillState, init_state, make_outer_step
 from satm_jax.matching import (
     StudentBatches,
@@ -63,7 +64,7 @@ __all__ = [
     "StudentBatches",
     "asam",
     "augment",
-    "data",
+    "datasets",
     "distill",
     "evaluate",
     "experts",

@@ -53,6 +53,6 @@ def fast_compile():
 
 @pytest.fixture
 def digits():
-    from satm_jax import data
+    from satm_jax import datasets
 
-    return data.load_dataset("digits")
+    return datasets.load_dataset("digits")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from satm_jax import data, evaluate, experts, herding, jsonio, outputs
+from satm_jax import datasets, evaluate, experts, herding, jsonio, outputs
 from satm_jax.experiment import configs, continual, pipeline
 from tests.helpers import run_module
 
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 @pytest.fixture(scope="module")
 def digits_ds():
-    return data.load_dataset("digits")
+    return datasets.load_dataset("digits")
 
 
 def _literal_orders(num_classes, seeds):
@@ -56,7 +56,7 @@ def _literal_orders(num_classes, seeds):
 
 def _prepared(ds):
     """The full splits as the protocol preprocesses them (fitted on the whole training split)."""
-    prep = data.fit_preprocessing(ds.train_images, data.Preprocessing(zca=False))
+    prep = datasets.fit_preprocessing(ds.train_images, datasets.Preprocessing(zca=False))
     return prep.forward(ds.train_images), prep.forward(ds.test_images)
 
 
@@ -123,7 +123,7 @@ def test_run_refuses_stages_that_do_not_divide_and_ipc_above_a_class(digits_ds, 
             continual.ContinualConfig("digits", 1, 4, preset="default"), wd, dataset=digits_ds
         )
     smallest = int(digits_ds.class_counts().min())
-    with pytest.raises(data.DatasetError, match=f"ipc={smallest + 1} exceeds"):
+    with pytest.raises(datasets.DatasetError, match=f"ipc={smallest + 1} exceeds"):
         continual.run_continual(
             continual.ContinualConfig("digits", smallest + 1, 5, preset="default"),
             wd,
@@ -156,7 +156,7 @@ def test_random_memory_draws_distinct_images_of_the_stage_classes_only(digits_ds
     assert labels[idx].tolist() == [4] * 5 + [9] * 5
     again = continual.random_indices(labels, [4, 9], 5, np.random.default_rng(0))
     np.testing.assert_array_equal(idx, again)
-    with pytest.raises(data.DatasetError, match="fewer than ipc"):
+    with pytest.raises(datasets.DatasetError, match="fewer than ipc"):
         continual.random_indices(labels, [4], 10_000, np.random.default_rng(0))
 
 

@@ -1,4 +1,4 @@
-"""The dataset loaders on small files written in the exact official formats."""
+"""The dataset loaders on small files written in the exact official file layouts."""
 
 import gzip
 import hashlib
@@ -17,10 +17,11 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from satm_jax import data, formats
+from satm_jax import datasets
+from satm_jax.datasets import errors, images, loaders
 
 # --------------------------------------------------------------------------------------------
-# Writers of the official formats
+# Writers of the official file layouts
 # --------------------------------------------------------------------------------------------
 
 
@@ -49,7 +50,7 @@ def make_idx_set(folder: Path, gz: bool, seed: int, n_train=12, n_test=7) -> dic
     return arrays
 
 
-def check_idx_dataset(ds: data.Dataset, arrays: dict) -> None:
+def check_idx_dataset(ds: datasets.Dataset, arrays: dict) -> None:
     np.testing.assert_array_equal(ds.train_images[..., 0], arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(ds.train_labels, arrays["train-labels-idx1-ubyte"])
     np.testing.assert_array_equal(ds.test_images[..., 0], arrays["t10k-images-idx3-ubyte"])
@@ -108,7 +109,7 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def check_cifar(ds: data.Dataset, ref: dict) -> None:
+def check_cifar(ds: datasets.Dataset, ref: dict) -> None:
     for split in ("train", "test"):
         x, rows = getattr(ds, f"{split}_images"), ref[f"{split}_rows"]
         assert x.shape == (len(rows), 32, 32, 3) and x.dtype == np.uint8
@@ -186,7 +187,7 @@ def make_tiny(root: Path, wnids: list[str], n_train: int = 3, n_val: int = 6, se
     }
 
 
-def check_tiny(ds: data.Dataset, ref: dict) -> None:
+def check_tiny(ds: datasets.Dataset, ref: dict) -> None:
     for key in ("train_images", "train_labels", "test_images", "test_labels"):
         np.testing.assert_array_equal(getattr(ds, key), ref[key], err_msg=key)
     assert ds.class_names == ref["class_names"]
@@ -213,10 +214,10 @@ def test_registry_names():
         "imagenette",
         "imagewoof",
     ):
-        data.check_dataset_name(name)
-    with pytest.raises(data.DatasetError, match="unknown dataset 'nope'"):
-        data.check_dataset_name("nope")
-    assert data.DatasetError is formats.DatasetError
+        datasets.check_dataset_name(name)
+    with pytest.raises(datasets.DatasetError, match="unknown dataset 'nope'"):
+        datasets.check_dataset_name("nope")
+    assert datasets.DatasetError is errors.DatasetError
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_registry_names():
 @pytest.mark.parametrize("gz", [False, True])
 def test_mnist_idx_in_data_dir(tmp_path, gz):
     arrays = make_idx_set(tmp_path, gz, seed=1)
-    ds = data.load_dataset("mnist", data_dir=str(tmp_path))
+    ds = datasets.load_dataset("mnist", data_dir=str(tmp_path))
     check_idx_dataset(ds, arrays)
     assert ds.class_names == tuple("0123456789") and ds.num_classes == 10
 
@@ -237,42 +238,42 @@ def test_fashion_mnist_in_subfolder_takes_precedence_over_debian(tmp_path, monke
     # the data_dir's subfolder.
     debian = make_idx_set(tmp_path / "debian" / "fashion-mnist", gz=False, seed=9)
     monkeypatch.setattr(
-        data, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian" / "fashion-mnist")
+        loaders, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "debian" / "fashion-mnist")
     )
     arrays = make_idx_set(tmp_path / "data" / "fashion_mnist", gz=True, seed=2)
     assert not np.array_equal(debian["train-labels-idx1-ubyte"], arrays["train-labels-idx1-ubyte"])
-    ds = data.load_dataset("fashion_mnist", data_dir=tmp_path / "data")
+    ds = datasets.load_dataset("fashion_mnist", data_dir=tmp_path / "data")
     check_idx_dataset(ds, arrays)
     assert ds.class_names[0] == "T-shirt/top" and ds.class_names[9] == "Ankle boot"
     # The Debian folder is a valid set, used when data_dir holds none.
-    check_idx_dataset(data.load_dataset("fashion_mnist"), debian)
-    check_idx_dataset(data.load_dataset("fashion_mnist", data_dir=tmp_path / "empty"), debian)
+    check_idx_dataset(datasets.load_dataset("fashion_mnist"), debian)
+    check_idx_dataset(datasets.load_dataset("fashion_mnist", data_dir=tmp_path / "empty"), debian)
 
 
 def test_mnist_missing_files_message(tmp_path):
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("mnist", data_dir=tmp_path)
     msg = str(e.value)
-    for part in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", data.MNIST_URL):
+    for part in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", loaders.MNIST_URL):
         assert part in msg
     assert str(tmp_path / "mnist") in msg
-    with pytest.raises(data.DatasetError, match="pass data_dir="):
-        data.load_dataset("mnist")
+    with pytest.raises(datasets.DatasetError, match="pass data_dir="):
+        datasets.load_dataset("mnist")
 
 
 def test_mnist_partial_set_names_missing_file(tmp_path):
     make_idx_set(tmp_path, gz=False, seed=3)
     (tmp_path / "t10k-images-idx3-ubyte").unlink()
-    with pytest.raises(data.DatasetError, match=r"missing t10k-images-idx3-ubyte\[\.gz\]"):
-        data.load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match=r"missing t10k-images-idx3-ubyte\[\.gz\]"):
+        datasets.load_dataset("mnist", data_dir=tmp_path)
 
 
 def test_fashion_mnist_missing_everywhere(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("fashion_mnist", data_dir=tmp_path)
+    monkeypatch.setattr(loaders, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("fashion_mnist", data_dir=tmp_path)
     msg = str(e.value)
-    assert data.FASHION_MNIST_URL in msg and "dataset-fashion-mnist" in msg
+    assert loaders.FASHION_MNIST_URL in msg and "dataset-fashion-mnist" in msg
     assert "train-labels-idx1-ubyte" in msg and str(tmp_path / "fashion_mnist") in msg
 
 
@@ -280,8 +281,8 @@ def test_idx_bad_magic(tmp_path):
     make_idx_set(tmp_path, gz=False, seed=4)
     labels = np.zeros(12, np.uint8)
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels, magic=0x00000803)
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("mnist", data_dir=tmp_path)
     msg = str(e.value)
     assert "train-labels-idx1-ubyte is corrupt" in msg and "0x00000801" in msg
 
@@ -291,22 +292,22 @@ def test_idx_truncated(tmp_path, gz):
     make_idx_set(tmp_path, gz=gz, seed=5)
     path = tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else ""))
     path.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(data.DatasetError, match=r"t10k-images-idx3-ubyte(\.gz)? is corrupt"):
-        data.load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match=r"t10k-images-idx3-ubyte(\.gz)? is corrupt"):
+        datasets.load_dataset("mnist", data_dir=tmp_path)
 
 
 def test_idx_count_mismatch(tmp_path):
     make_idx_set(tmp_path, gz=False, seed=6)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(11, np.uint8))
-    with pytest.raises(data.DatasetError, match="12 images but .* 11 labels"):
-        data.load_dataset("mnist", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="12 images but .* 11 labels"):
+        datasets.load_dataset("mnist", data_dir=tmp_path)
 
 
 @pytest.mark.skipif(
-    not os.path.isdir(data.FASHION_MNIST_DEBIAN_DIR), reason="dataset-fashion-mnist absent"
+    not os.path.isdir(loaders.FASHION_MNIST_DEBIAN_DIR), reason="dataset-fashion-mnist absent"
 )
 def test_real_fashion_mnist_from_debian_package():
-    ds = data.load_dataset("fashion_mnist")
+    ds = datasets.load_dataset("fashion_mnist")
     assert ds.train_images.shape == (60000, 28, 28, 1)
     assert ds.test_images.shape == (10000, 28, 28, 1)
     assert ds.class_names == (
@@ -345,7 +346,7 @@ def make_svhn(folder: Path, n_train=9, n_test=6) -> dict:
 
 def test_svhn(tmp_path):
     ref = make_svhn(tmp_path / "svhn")
-    ds = data.load_dataset("svhn", data_dir=tmp_path)
+    ds = datasets.load_dataset("svhn", data_dir=tmp_path)
     for split in ("train", "test"):
         x, y = ref[split]
         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
@@ -357,15 +358,15 @@ def test_svhn(tmp_path):
 
 
 def test_svhn_missing_and_unreadable(tmp_path):
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("svhn", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("svhn", data_dir=tmp_path)
     msg = str(e.value)
     assert "train_32x32.mat" in msg and "test_32x32.mat" in msg
-    assert data.SVHN_URL in msg and str(tmp_path / "train_32x32.mat") in msg
+    assert loaders.SVHN_URL in msg and str(tmp_path / "train_32x32.mat") in msg
     make_svhn(tmp_path)
     (tmp_path / "test_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\x00" * 50)
-    with pytest.raises(data.DatasetError, match="test_32x32.mat is corrupt"):
-        data.load_dataset("svhn", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="test_32x32.mat is corrupt"):
+        datasets.load_dataset("svhn", data_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,8 +381,8 @@ def test_cifar_archive_checked_by_md5(tmp_path, monkeypatch, which):
     import shutil
 
     shutil.rmtree(ref["folder"])  # only the archive
-    monkeypatch.setitem(data.CIFAR_MD5, archive.name, md5(archive))
-    ds = data.load_dataset(which, data_dir=tmp_path)
+    monkeypatch.setitem(loaders.CIFAR_MD5, archive.name, md5(archive))
+    ds = datasets.load_dataset(which, data_dir=tmp_path)
     check_cifar(ds, ref)
     if which == "cifar10":
         assert ds.class_names == tuple(f"class{i}" for i in range(10))
@@ -393,23 +394,23 @@ def test_cifar_archive_checked_by_md5(tmp_path, monkeypatch, which):
 def test_cifar_extracted_folder(tmp_path, which):
     ref = make_cifar(tmp_path, which)
     ref["archive"].unlink()
-    check_cifar(data.load_dataset(which, data_dir=tmp_path), ref)
+    check_cifar(datasets.load_dataset(which, data_dir=tmp_path), ref)
 
 
 def test_cifar_wrong_checksum(tmp_path):
     ref = make_cifar(tmp_path, "cifar10")  # the official MD5 stays: it cannot match
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("cifar10", data_dir=tmp_path)
     msg = str(e.value)
     assert str(ref["archive"]) in msg and "c58f30108f718f92721af3b95e74349a" in msg
-    assert md5(ref["archive"]) in msg and data.CIFAR_URL in msg
+    assert md5(ref["archive"]) in msg and loaders.CIFAR_URL in msg
 
 
 def test_cifar_missing_message(tmp_path):
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("cifar100", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("cifar100", data_dir=tmp_path)
     msg = str(e.value)
-    assert str(tmp_path / "cifar-100-python.tar.gz") in msg and data.CIFAR_URL in msg
+    assert str(tmp_path / "cifar-100-python.tar.gz") in msg and loaders.CIFAR_URL in msg
     assert "cifar-100-python/" in msg
 
 
@@ -418,11 +419,11 @@ def test_cifar_corrupt_batch_and_unsafe_pickle(tmp_path):
     ref["archive"].unlink()
     batch = ref["folder"] / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:100])
-    with pytest.raises(data.DatasetError, match="data_batch_3 is corrupt"):
-        data.load_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="data_batch_3 is corrupt"):
+        datasets.load_dataset("cifar10", data_dir=tmp_path)
     batch.write_bytes(pickle.dumps({b"data": os.getcwd}, protocol=2))
-    with pytest.raises(data.DatasetError, match="refusing to unpickle"):
-        data.load_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="refusing to unpickle"):
+        datasets.load_dataset("cifar10", data_dir=tmp_path)
 
 
 def test_cifar_tfds_prepared_under_mock_data(tmp_path):
@@ -434,7 +435,7 @@ def test_cifar_tfds_prepared_under_mock_data(tmp_path):
     make_cifar(tmp_path, "cifar10")  # present but ignored: the TFDS dataset comes first
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
         for name in ("cifar10", "cifar100"):
-            ds = data.load_dataset(name, data_dir=tmp_path)
+            ds = datasets.load_dataset(name, data_dir=tmp_path)
             assert ds.train_images.shape == (6, 32, 32, 3) == ds.test_images.shape
             for split, tfds_split in (("train", "train"), ("test", "test")):
                 src = tfds.data_source(name, split=tfds_split, data_dir=str(tmp_path))
@@ -454,12 +455,12 @@ def test_cifar_tfrecord_tfds_falls_back_to_folder(tmp_path):
     info.write_text(json.dumps({"fileFormat": "tfrecord"}))
     ref = make_cifar(tmp_path, "cifar10")
     ref["archive"].unlink()
-    check_cifar(data.load_dataset("cifar10", data_dir=tmp_path), ref)
+    check_cifar(datasets.load_dataset("cifar10", data_dir=tmp_path), ref)
     import shutil
 
     shutil.rmtree(ref["folder"])
-    with pytest.raises(data.DatasetError, match="file_format='array_record'"):
-        data.load_dataset("cifar10", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="file_format='array_record'"):
+        datasets.load_dataset("cifar10", data_dir=tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ def test_tiny_imagenet_folder_and_zip(tmp_path):
     ref = make_tiny(tmp_path / "a", WNIDS)
     # The folder alone.
     ref["archive"].rename(tmp_path / "moved.zip")
-    ds = data.load_dataset("tiny_imagenet", data_dir=tmp_path / "a")
+    ds = datasets.load_dataset("tiny_imagenet", data_dir=tmp_path / "a")
     check_tiny(ds, ref)
     gray = ds.train_images[1]  # the grayscale JPEG became RGB with equal channels
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
@@ -480,16 +481,16 @@ def test_tiny_imagenet_folder_and_zip(tmp_path):
     zdir = tmp_path / "z"
     zdir.mkdir()
     (tmp_path / "moved.zip").rename(zdir / "tiny-imagenet-200.zip")
-    check_tiny(data.load_dataset("tiny_imagenet", data_dir=zdir), ref)
+    check_tiny(datasets.load_dataset("tiny_imagenet", data_dir=zdir), ref)
     assert not (zdir / "tiny-imagenet-200").exists()
 
 
 def test_tiny_imagenet_cache_written_once_and_reused(tmp_path, monkeypatch):
     ref = make_tiny(tmp_path, WNIDS)
     calls = []
-    real = formats.decode_rgb
-    monkeypatch.setattr(formats, "decode_rgb", lambda b: calls.append(1) or real(b))
-    check_tiny(data.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
+    real = images.decode_rgb
+    monkeypatch.setattr(images, "decode_rgb", lambda b: calls.append(1) or real(b))
+    check_tiny(datasets.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
     assert len(calls) == len(ref["train_labels"]) + len(ref["test_labels"])
     cache = tmp_path / "satm_cache" / "tiny_imagenet.npz"
     stamp = cache.stat().st_mtime_ns
@@ -497,61 +498,61 @@ def test_tiny_imagenet_cache_written_once_and_reused(tmp_path, monkeypatch):
     def boom(b):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(formats, "decode_rgb", boom)
-    check_tiny(data.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
+    monkeypatch.setattr(images, "decode_rgb", boom)
+    check_tiny(datasets.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
     assert cache.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in cache.parent.iterdir()) == ["tiny_imagenet.npz"]  # no temp
     # A changed source (new mtime of the zip) invalidates the cache.
     st = ref["archive"].stat()
     os.utime(ref["archive"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    with pytest.raises(data.DatasetError, match="decoded again"):
-        data.load_dataset("tiny_imagenet", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="decoded again"):
+        datasets.load_dataset("tiny_imagenet", data_dir=tmp_path)
 
 
 def test_tiny_imagenet_corrupt_cache_is_rebuilt(tmp_path):
     ref = make_tiny(tmp_path, WNIDS)
-    data.load_dataset("tiny_imagenet", data_dir=tmp_path)
+    datasets.load_dataset("tiny_imagenet", data_dir=tmp_path)
     cache = tmp_path / "satm_cache" / "tiny_imagenet.npz"
     cache.write_bytes(cache.read_bytes()[:300])
     with pytest.warns(UserWarning, match="corrupt dataset cache"):
-        check_tiny(data.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
+        check_tiny(datasets.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # rebuilt: a clean hit now
-        check_tiny(data.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
+        check_tiny(datasets.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
 
 
 def test_tiny_imagenet_unwritable_cache_is_skipped(tmp_path):
     ref = make_tiny(tmp_path, WNIDS)
     (tmp_path / "satm_cache").write_text("a file where the cache folder would go")
     with pytest.warns(UserWarning, match="not caching"):
-        check_tiny(data.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
+        check_tiny(datasets.load_dataset("tiny_imagenet", data_dir=tmp_path), ref)
 
 
 def test_tiny_imagenet_errors(tmp_path):
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("tiny_imagenet", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("tiny_imagenet", data_dir=tmp_path)
     msg = str(e.value)
-    assert data.TINY_IMAGENET_URL in msg and str(tmp_path / "tiny-imagenet-200.zip") in msg
+    assert loaders.TINY_IMAGENET_URL in msg and str(tmp_path / "tiny-imagenet-200.zip") in msg
     (tmp_path / "tiny-imagenet-200.zip").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(data.DatasetError, match="tiny-imagenet-200.zip is corrupt"):
-        data.load_dataset("tiny_imagenet", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="tiny-imagenet-200.zip is corrupt"):
+        datasets.load_dataset("tiny_imagenet", data_dir=tmp_path)
     (tmp_path / "tiny-imagenet-200.zip").unlink()
     ref = make_tiny(tmp_path, WNIDS)
     ref["archive"].unlink()
     bad = ref["folder"] / "val" / "images" / "val_4.JPEG"
     bad.write_bytes(bad.read_bytes()[:30])
-    with pytest.raises(data.DatasetError, match="val_4.JPEG is corrupt"):
-        data.load_dataset("tiny_imagenet", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match="val_4.JPEG is corrupt"):
+        datasets.load_dataset("tiny_imagenet", data_dir=tmp_path)
     import shutil
 
     shutil.rmtree(ref["folder"] / "train" / WNIDS[2])
-    with pytest.raises(data.DatasetError, match=f"train/{WNIDS[2]}/images is missing"):
-        data.load_dataset("tiny_imagenet", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError, match=f"train/{WNIDS[2]}/images is missing"):
+        datasets.load_dataset("tiny_imagenet", data_dir=tmp_path)
 
 
 def test_tiny_imagenet_tfds_builder_without_tensorflow(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from satm_jax import tfds_tiny_imagenet
+    from satm_jax.datasets import tfds_tiny_imagenet
 
     wnids = [f"n{i:08d}" for i in range(200)]
     ref = make_tiny(tmp_path / "manual", wnids, n_train=1, n_val=5)
@@ -567,7 +568,7 @@ def test_tiny_imagenet_tfds_builder_without_tensorflow(tmp_path):
     assert len(src) == 5
     ex = src[0]
     assert ex["image"].shape == (64, 64, 3) and ex["file_name"].startswith(b"val_")
-    ds = data.load_dataset("tiny_imagenet", data_dir=out)
+    ds = datasets.load_dataset("tiny_imagenet", data_dir=out)
     assert ds.num_classes == 200 and ds.class_names[7] == "name of n00000007"
     # Same (image, label) pairs as the zip, in TFDS's shuffled order.
     for split, key in (("train", "train"), ("test", "test")):
@@ -581,7 +582,7 @@ def test_tiny_imagenet_tfds_builder_without_tensorflow(tmp_path):
 
 def test_tiny_imagenet_builder_reports_missing_manual_file(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from satm_jax import tfds_tiny_imagenet
+    from satm_jax.datasets import tfds_tiny_imagenet
 
     manual = tmp_path / "manual"
     manual.mkdir()
@@ -613,7 +614,7 @@ def make_imagenet_tree(root: Path, wnids, sizes) -> dict:
 
 
 def test_imagenette_tree_geometry_and_cache(tmp_path, monkeypatch):
-    wnids, names = data.IMAGENET_SUBSETS["imagenette"]
+    wnids, names = loaders.IMAGENET_SUBSETS["imagenette"]
     root = tmp_path / "imagenet"  # data_dir/imagenet/train/... is accepted
     files = make_imagenet_tree(root, wnids, [(200, 150), (96, 140)])
     # A deterministic geometry probe: 256x192, value = column index (a horizontal ramp).
@@ -623,7 +624,7 @@ def test_imagenette_tree_geometry_and_cache(tmp_path, monkeypatch):
     rows = np.round(0.8 * np.arange(300)).astype(np.uint8)
     ramp_h = np.tile(rows[:, None, None], (1, 100, 3))
     Image.fromarray(ramp_h).save(root / "val" / wnids[9] / "zz_ramp.png")
-    ds = data.load_dataset("imagenette", data_dir=tmp_path)
+    ds = datasets.load_dataset("imagenette", data_dir=tmp_path)
     assert ds.image_shape == (128, 128, 3) and ds.class_names[0] == "tench"
     np.testing.assert_array_equal(np.bincount(ds.train_labels), np.r_[2, 2, 2, 3, [2] * 6])
     np.testing.assert_array_equal(ds.test_labels, np.r_[np.arange(10), 9])
@@ -645,18 +646,18 @@ def test_imagenette_tree_geometry_and_cache(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ds.train_images[1], want)
     # Cached: a second load decodes nothing.
     assert (tmp_path / "satm_cache" / "imagenette.npz").is_file()
-    monkeypatch.setattr(formats, "decode_rgb", lambda b: 1 / 0)
-    again = data.load_dataset("imagenette", data_dir=tmp_path)
+    monkeypatch.setattr(images, "decode_rgb", lambda b: 1 / 0)
+    again = datasets.load_dataset("imagenette", data_dir=tmp_path)
     np.testing.assert_array_equal(again.train_images, ds.train_images)
 
 
 def test_imagewoof_missing_class_folder(tmp_path):
-    wnids, _ = data.IMAGENET_SUBSETS["imagewoof"]
+    wnids, _ = loaders.IMAGENET_SUBSETS["imagewoof"]
     assert wnids[0] == "n02096294" and wnids[-1] == "n02105641"
     make_imagenet_tree(tmp_path, wnids[:7], [(130, 129)])
-    with pytest.raises(data.DatasetError) as e:
-        data.load_dataset("imagewoof", data_dir=tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.load_dataset("imagewoof", data_dir=tmp_path)
     msg = str(e.value)
     assert f"missing class folder {tmp_path / 'train' / wnids[7]}" in msg and "dingo" in msg
-    with pytest.raises(data.DatasetError, match="no ImageNet train folder"):
-        data.load_dataset("imagewoof", data_dir=tmp_path / "empty")
+    with pytest.raises(datasets.DatasetError, match="no ImageNet train folder"):
+        datasets.load_dataset("imagewoof", data_dir=tmp_path / "empty")

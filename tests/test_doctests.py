@@ -46,7 +46,7 @@ def test_the_documented_modules_are_all_found():
         "augment",
         "convergence",
         "corruptions",
-        "data",
+        "datasets.registry",
         "evaluate",
         "experiment.continual",
         "expert_store",

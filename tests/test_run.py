@@ -8,7 +8,7 @@ import pytest
 
 import satm_jax
 from experiments import run as run_lib
-from satm_jax import data, expert_store
+from satm_jax import datasets, expert_store
 from satm_jax.experiment import configs, pipeline
 from tests.helpers import TINY, read_json, read_text, run_module
 
@@ -175,7 +175,7 @@ def test_validate_configs_checks_the_expert_window(digits):
     cfg = configs.make_run_config("digits", 1, "mtt", overrides={"max_start_epoch": 20})
     with pytest.raises(configs.ConfigError, match="experts train for"):
         pipeline.validate_configs([cfg], digits)
-    with pytest.raises(data.DatasetError, match="smallest class"):
+    with pytest.raises(datasets.DatasetError, match="smallest class"):
         pipeline.validate_configs([configs.make_run_config("digits", 200, "mtt")], digits)
 
 

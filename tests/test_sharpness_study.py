@@ -56,9 +56,9 @@ def test_aggregate_pairs_each_seed_with_mtt_at_the_same_seed():
 
 @pytest.mark.slow
 def test_a_tiny_study_runs_reports_and_resumes(tmp_path, digits, monkeypatch):
-    from satm_jax import data
+    from satm_jax import datasets
 
-    monkeypatch.setattr(data, "load_dataset", lambda name, data_dir=None: digits)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, data_dir=None: digits)
     tiny = tiny_overrides(iterations=2, steps_per_call=2)
     flat = flatness.FlatnessConfig(heldout_experts=1, samples=1, ascent_steps=1, power_iterations=1)
     wd = str(tmp_path)

@@ -30,7 +30,7 @@ from typing import Any
 
 from satm_jax import distill, experts, matching, models, sharpness
 from satm_jax.augment import DEFAULT_STRATEGY
-from satm_jax.data import Preprocessing
+from satm_jax.datasets import Preprocessing
 from satm_jax.distill import DistillConfig
 from satm_jax.evaluate import EvalConfig
 from satm_jax.experts import ExpertConfig
@@ -49,7 +49,7 @@ class RunConfig:
     """Everything one (dataset, IPC, method) condensation run needs.
 
     Attributes:
-      dataset: registry name (``satm_jax.data.DATASETS``).
+      dataset: registry name (``satm_jax.datasets.DATASETS``).
       ipc: synthetic images per class.
       method: ``"mtt"`` or ``"satm"``.
       preset: the preset the run started from.

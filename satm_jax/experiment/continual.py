@@ -36,7 +36,7 @@ Our choices (where DM's script leaves room or does something we cannot):
   stage's images; no image of another stage reaches a stage's experts, condensation, feature
   network or memory.
 * **Condensation** of a stage is ``satm_jax.experiment.pipeline``'s (``ensure_experts`` then
-  ``distill_and_evaluate``) on a ``satm_jax.data.Dataset`` restricted to the stage's classes
+  ``distill_and_evaluate``) on a ``satm_jax.datasets.Dataset`` restricted to the stage's classes
   with labels remapped to ``0..c-1`` (in the class order); the condensed labels are mapped back
   to global class ids. ``distill_and_evaluate`` always evaluates the set it makes; that
   evaluation is reduced to one network for one epoch (``STAGE_RUN_EVAL``), since the protocol
@@ -84,7 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from satm_jax import data as data_lib
+from satm_jax import datasets as data_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import herding as herding_lib
 from satm_jax import jsonio, model_registry, parallel

@@ -31,7 +31,7 @@ import numpy as np
 from satm_jax import augment as augment_lib
 from satm_jax import checkpoint as checkpoint_lib
 from satm_jax import convergence, expert_store, jsonio, model_registry, parallel
-from satm_jax import data as data_lib
+from satm_jax import datasets as data_lib
 from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib

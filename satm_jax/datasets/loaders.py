@@ -1,149 +1,48 @@
-"""Datasets by name, and the preprocessing trajectory matching applies to them.
+"""The built-in datasets: one loader per official distribution, registered by name.
 
-``load_dataset(name, data_dir=...)`` returns a :class:`Dataset` of uint8 ``(N, H, W, C)`` images
-and integer labels, read from the dataset's official distribution. Nothing is downloaded: a
-missing or corrupt file stops with a :class:`DatasetError` that names the expected file, where
-to get it and where to put it.
+``satm_jax.datasets.load_dataset(name, data_dir=...)`` returns a :class:`Dataset` of uint8
+``(N, H, W, C)`` images and integer labels, read from the dataset's official distribution.
+Nothing is downloaded: a missing or corrupt file stops with a :class:`DatasetError` that names
+the expected file, where to get it and where to put it.
 
 ``digits`` is scikit-learn's 8x8 handwritten digits, which ships inside the scikit-learn wheel:
 it is the embedded default that needs no download. The others, and what they read in
 ``data_dir`` (details in each loader's docstring; the format readers are in
-``satm_jax.formats``):
+``satm_jax.datasets.readers``):
 
 * ``mnist``, ``fashion_mnist``: the four idx files, gzipped or not (Fashion-MNIST also from the
   Debian package ``dataset-fashion-mnist`` in ``/usr/share/datasets/fashion-mnist``);
 * ``svhn``: ``train_32x32.mat`` and ``test_32x32.mat``;
 * ``cifar10``, ``cifar100``: a TFDS dataset prepared as ``array_record``, the python-version
   ``.tar.gz`` (MD5-checked) or its extracted folder;
-* ``tiny_imagenet``: a TFDS dataset prepared by ``satm_jax.tfds_tiny_imagenet``,
+* ``tiny_imagenet``: a TFDS dataset prepared by ``satm_jax.datasets.tfds_tiny_imagenet``,
   ``tiny-imagenet-200.zip`` or its extracted folder (the test split is the validation set);
 * ``imagenette``, ``imagewoof``: MTT's 10-class subsets from ImageNet's ``train/<wnid>/`` and
   ``val/<wnid>/`` folders, resized and centre-cropped to 128x128.
 
 Decoded JPEG datasets are cached in ``data_dir/satm_cache/<name>.npz``, keyed by the source
 files' sizes and mtimes.
-
-Preprocessing (``Preprocessing``/``fit_preprocessing``) follows MTT: pixels to [0, 1], then
-either ZCA whitening (no mean/std normalisation, ``satm_jax.zca``) or per-channel
-standardisation with the training set's mean and std.
-
-Example:
-  >>> from satm_jax import data
-  >>> ds = data.load_dataset("digits")
-  >>> ds.train_images.shape[1:], ds.num_classes
-  ((8, 8, 1), 10)
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from satm_jax import formats
-from satm_jax import zca as zca_lib
-from satm_jax.formats import DatasetError  # defined there, re-exported here
+from satm_jax.datasets import archives, cache, readers, tfds_reader
+from satm_jax.datasets.errors import DatasetError
+from satm_jax.datasets.images import IMAGE_EXTENSIONS, labelled_arrays
+from satm_jax.datasets.registry import Dataset, register_dataset
 
 
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A labelled image classification dataset held in memory.
-
-    Attributes:
-      name: registry name.
-      train_images: uint8 ``(N, H, W, C)``.
-      train_labels: int ``(N,)`` in ``[0, num_classes)``.
-      test_images: uint8 ``(M, H, W, C)``.
-      test_labels: int ``(M,)``.
-      num_classes: number of classes.
-      class_names: one name per class.
-    """
-
-    name: str
-    train_images: np.ndarray
-    train_labels: np.ndarray
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    num_classes: int
-    class_names: tuple[str, ...]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
-
-    def class_counts(self) -> np.ndarray:
-        """Training images per class."""
-        return np.bincount(self.train_labels, minlength=self.num_classes)
-
-    def validate(self) -> Dataset:
-        """Checks shapes, dtypes and label ranges; returns ``self``.
-
-        Raises:
-          DatasetError: on any inconsistency.
-        """
-        for split in ("train", "test"):
-            x = getattr(self, f"{split}_images")
-            y = getattr(self, f"{split}_labels")
-            if x.dtype != np.uint8 or x.ndim != 4:
-                raise DatasetError(
-                    f"{self.name}: {split} images must be uint8 (N, H, W, C), "
-                    f"got {x.dtype} {x.shape}"
-                )
-            if y.ndim != 1 or y.shape[0] != x.shape[0]:
-                raise DatasetError(
-                    f"{self.name}: {split} has {x.shape[0]} images but labels of shape {y.shape}"
-                )
-            if y.size and (y.min() < 0 or y.max() >= self.num_classes):
-                raise DatasetError(
-                    f"{self.name}: {split} labels outside [0, {self.num_classes}): "
-                    f"min {y.min()}, max {y.max()}"
-                )
-        if self.train_images.shape[1:] != self.test_images.shape[1:]:
-            raise DatasetError(
-                f"{self.name}: train images {self.train_images.shape[1:]} and test images "
-                f"{self.test_images.shape[1:]} differ in shape"
-            )
-        if len(self.class_names) != self.num_classes:
-            raise DatasetError(f"{self.name}: {len(self.class_names)} class names")
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-
-Loader = Callable[..., Dataset]
-DATASETS: dict[str, Loader] = {}
-
-
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator adding ``loader(data_dir=None) -> Dataset`` under ``name``."""
-
-    def deco(fn: Loader) -> Loader:
-        DATASETS[name] = fn
-        return fn
-
-    return deco
-
-
-def check_dataset_name(name: str) -> None:
-    """Raises ``DatasetError`` for a name that is not registered."""
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-
-
-def load_dataset(name: str, *, data_dir: str | None = None) -> Dataset:
-    """Loads the dataset registered as ``name`` from ``data_dir``.
-
-    Raises:
-      DatasetError: unknown name, or missing/corrupt files (the message says which file is
-        expected, where to get it and where to put it).
-    """
-    check_dataset_name(name)
-    return DATASETS[name](data_dir=data_dir).validate()
+def as_path(data_dir: str | os.PathLike | None) -> Path | None:
+    """``data_dir`` as an absolute ``Path`` with ``~`` expanded (``None`` stays ``None``)."""
+    if data_dir is None:
+        return None
+    return Path(os.path.expanduser(os.fspath(data_dir))).absolute()
 
 
 @register_dataset("digits")
@@ -252,10 +151,10 @@ def _load_idx_dataset(
                 f"{name}: {folder} holds only some of the idx files; missing "
                 f"{', '.join(f + '[.gz]' for f in missing)}. {how_to_get}"
             )
-        x_train = formats.read_idx(found[IDX_FILES[0]], formats.IDX_IMAGES_MAGIC)
-        y_train = formats.read_idx(found[IDX_FILES[1]], formats.IDX_LABELS_MAGIC)
-        x_test = formats.read_idx(found[IDX_FILES[2]], formats.IDX_IMAGES_MAGIC)
-        y_test = formats.read_idx(found[IDX_FILES[3]], formats.IDX_LABELS_MAGIC)
+        x_train = readers.read_idx(found[IDX_FILES[0]], readers.IDX_IMAGES_MAGIC)
+        y_train = readers.read_idx(found[IDX_FILES[1]], readers.IDX_LABELS_MAGIC)
+        x_test = readers.read_idx(found[IDX_FILES[2]], readers.IDX_IMAGES_MAGIC)
+        y_test = readers.read_idx(found[IDX_FILES[3]], readers.IDX_LABELS_MAGIC)
         for x, y, fx, fy in (
             (x_train, y_train, IDX_FILES[0], IDX_FILES[1]),
             (x_test, y_test, IDX_FILES[2], IDX_FILES[3]),
@@ -299,7 +198,7 @@ def load_mnist(data_dir: str | None = None) -> Dataset:
     Raises:
       DatasetError: missing files, bad idx magic, or truncated files.
     """
-    dd = formats.as_path(data_dir)
+    dd = as_path(data_dir)
     how = _idx_how_to_get("mnist", dd, f"{MNIST_URL} (or {MNIST_URL_ALT})")
     folders = [] if dd is None else [dd, dd / "mnist"]
     return _load_idx_dataset("mnist", folders, tuple(str(i) for i in range(10)), how)
@@ -318,7 +217,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> Dataset:
     Raises:
       DatasetError: missing files, bad idx magic, or truncated files.
     """
-    dd = formats.as_path(data_dir)
+    dd = as_path(data_dir)
     how = _idx_how_to_get("fashion_mnist", dd, FASHION_MNIST_URL) + (
         f" Or install the Debian package dataset-fashion-mnist (apt-get install "
         f"dataset-fashion-mnist), which puts them in {FASHION_MNIST_DEBIAN_DIR}."
@@ -345,7 +244,7 @@ def load_svhn(data_dir: str | None = None) -> Dataset:
     Raises:
       DatasetError: missing or unreadable ``.mat`` files.
     """
-    dd = formats.as_path(data_dir)
+    dd = as_path(data_dir)
     folders = [] if dd is None else [dd, dd / "svhn"]
     folder = next((f for f in folders if all((f / n).is_file() for n in SVHN_FILES)), None)
     if folder is None:
@@ -355,8 +254,8 @@ def load_svhn(data_dir: str | None = None) -> Dataset:
             f"from {SVHN_URL} (format 2, cropped digits) and put them in {_dest(dd)} "
             f"(e.g. {_dest(dd, missing[0])}).{_no_dir_hint(dd)}"
         )
-    x_train, y_train = formats.read_svhn_mat(folder / SVHN_FILES[0])
-    x_test, y_test = formats.read_svhn_mat(folder / SVHN_FILES[1])
+    x_train, y_train = readers.read_svhn_mat(folder / SVHN_FILES[0])
+    x_test, y_test = readers.read_svhn_mat(folder / SVHN_FILES[1])
     arrays = dict(
         train_images=x_train, train_labels=y_train, test_images=x_test, test_labels=y_test
     )
@@ -373,13 +272,15 @@ CIFAR_MD5 = {
 }
 
 
-def _load_cifar(layout: formats.CifarLayout, data_dir: str | None) -> Dataset:
-    dd = formats.as_path(data_dir)
+def _load_cifar(layout: readers.CifarLayout, data_dir: str | None) -> Dataset:
+    dd = as_path(data_dir)
     note = ""
     if dd is not None:
-        prepared = formats.tfds_prepared(dd, layout.name)
+        prepared = tfds_reader.tfds_prepared(dd, layout.name)
         if prepared is not None and prepared[1] == "array_record":
-            return _dataset(layout.name, formats.read_tfds(layout.name, prepared[0], dd, "test"))
+            return _dataset(
+                layout.name, tfds_reader.read_tfds(layout.name, prepared[0], dd, "test")
+            )
         if prepared is not None:
             note = (
                 f" (The TFDS dataset in {dd / layout.name / prepared[0]} is stored as "
@@ -389,16 +290,16 @@ def _load_cifar(layout: formats.CifarLayout, data_dir: str | None) -> Dataset:
         archive = dd / layout.archive
         if archive.is_file():
             expected = CIFAR_MD5[layout.archive]
-            got = formats.md5_file(archive)
+            got = archives.md5_file(archive)
             if got != expected:
                 raise DatasetError(
                     f"{layout.name}: {archive} is corrupt: MD5 {got}, expected {expected}. "
                     f"Download {layout.archive} (python version) again from {CIFAR_URL} "
                     f"and put it at {archive}."
                 )
-            return _dataset(layout.name, formats.read_cifar(layout, formats.TarTree(archive)))
+            return _dataset(layout.name, readers.read_cifar(layout, archives.TarTree(archive)))
         if (dd / layout.folder).is_dir():
-            return _dataset(layout.name, formats.read_cifar(layout, formats.DirTree(dd)))
+            return _dataset(layout.name, readers.read_cifar(layout, archives.DirTree(dd)))
     raise DatasetError(
         f"{layout.name}: no data found. Expected {_dest(dd, layout.archive)} (the python "
         f"version), or its extracted folder {_dest(dd, layout.folder)}/, or a TFDS "
@@ -425,7 +326,7 @@ def load_cifar10(data_dir: str | None = None) -> Dataset:
     Raises:
       DatasetError: nothing found, a checksum mismatch, or unreadable batches.
     """
-    return _load_cifar(formats.CIFAR10, data_dir)
+    return _load_cifar(readers.CIFAR10, data_dir)
 
 
 @register_dataset("cifar100")
@@ -444,7 +345,7 @@ def load_cifar100(data_dir: str | None = None) -> Dataset:
     Raises:
       DatasetError: nothing found, a checksum mismatch, or unreadable batches.
     """
-    return _load_cifar(formats.CIFAR100, data_dir)
+    return _load_cifar(readers.CIFAR100, data_dir)
 
 
 # ---- Tiny ImageNet -------------------------------------------------------------------------
@@ -454,11 +355,9 @@ TINY_IMAGENET_ZIP = "tiny-imagenet-200.zip"
 TINY_IMAGENET_DIR = "tiny-imagenet-200"
 
 
-def _tiny_arrays(tree: formats.FileTree, index: formats.TinyImageNetIndex) -> dict[str, Any]:
-    size = formats.TINY_IMAGENET_SIZE
-    return formats.labelled_arrays(
-        tree, index.train, index.val, index.class_names, expect_size=size
-    )
+def _tiny_arrays(tree: archives.FileTree, index: readers.TinyImageNetIndex) -> dict[str, Any]:
+    size = readers.TINY_IMAGENET_SIZE
+    return labelled_arrays(tree, index.train, index.val, index.class_names, expect_size=size)
 
 
 @register_dataset("tiny_imagenet")
@@ -469,7 +368,7 @@ def load_tiny_imagenet(data_dir: str | None = None) -> Dataset:
     Read from the first of, in ``data_dir``:
 
     1. a TFDS ``tiny_imagenet`` prepared with ``file_format='array_record'`` by
-       ``satm_jax.tfds_tiny_imagenet`` (``data_dir/tiny_imagenet/<version>/``; its
+       ``satm_jax.datasets.tfds_tiny_imagenet`` (``data_dir/tiny_imagenet/<version>/``; its
        ``validation`` split is the test split);
     2. ``tiny-imagenet-200.zip``, read in place;
     3. its extracted folder ``tiny-imagenet-200/``.
@@ -484,40 +383,40 @@ def load_tiny_imagenet(data_dir: str | None = None) -> Dataset:
     Raises:
       DatasetError: nothing found, a bad zip, a missing file or an undecodable image.
     """
-    dd = formats.as_path(data_dir)
+    dd = as_path(data_dir)
     how = (
         f"Download {TINY_IMAGENET_URL} and put it at {_dest(dd, TINY_IMAGENET_ZIP)} (or "
         f"extract it to {_dest(dd, TINY_IMAGENET_DIR)}/).{_no_dir_hint(dd)}"
     )
     if dd is None:
         raise DatasetError(f"tiny_imagenet: no data found. {how}")
-    prepared = formats.tfds_prepared(dd, "tiny_imagenet")
+    prepared = tfds_reader.tfds_prepared(dd, "tiny_imagenet")
     if prepared is not None and prepared[1] == "array_record":
-        from satm_jax import tfds_tiny_imagenet  # noqa: F401 - registers the builder
+        from satm_jax.datasets import tfds_tiny_imagenet  # noqa: F401 - registers the builder
 
         version = prepared[0]
-        folder = formats.DirTree(dd / "tiny_imagenet" / version)
+        folder = archives.DirTree(dd / "tiny_imagenet" / version)
         identity = ["tfds", version, folder.identity(folder.listdir("") or [])]
-        build = lambda: formats.read_tfds("tiny_imagenet", version, dd, "validation")
-        return _dataset("tiny_imagenet", formats.cached(dd, "tiny_imagenet", identity, build))
+        build = lambda: tfds_reader.read_tfds("tiny_imagenet", version, dd, "validation")
+        return _dataset("tiny_imagenet", cache.cached(dd, "tiny_imagenet", identity, build))
     archive = dd / TINY_IMAGENET_ZIP
     if archive.is_file():
 
         def from_zip() -> dict[str, Any]:
-            with formats.ZipTree(archive, marker="wnids.txt") as tree:
-                return _tiny_arrays(tree, formats.tiny_imagenet_index(tree))
+            with archives.ZipTree(archive, marker="wnids.txt") as tree:
+                return _tiny_arrays(tree, readers.tiny_imagenet_index(tree))
 
-        identity = ["zip", formats.file_identity(archive)]
-        return _dataset("tiny_imagenet", formats.cached(dd, "tiny_imagenet", identity, from_zip))
+        identity = ["zip", archives.file_identity(archive)]
+        return _dataset("tiny_imagenet", cache.cached(dd, "tiny_imagenet", identity, from_zip))
     if (dd / TINY_IMAGENET_DIR).is_dir():
-        tree = formats.DirTree(dd / TINY_IMAGENET_DIR)
-        index = formats.tiny_imagenet_index(tree)
+        tree = archives.DirTree(dd / TINY_IMAGENET_DIR)
+        index = readers.tiny_imagenet_index(tree)
         rels = ["wnids.txt", "val/val_annotations.txt"]
         rels += ["words.txt"] if tree.exists("words.txt") else []
         rels += [r for r, _ in index.train + index.val]
         identity = ["folder", tree.identity(rels)]
         build = lambda: _tiny_arrays(tree, index)
-        return _dataset("tiny_imagenet", formats.cached(dd, "tiny_imagenet", identity, build))
+        return _dataset("tiny_imagenet", cache.cached(dd, "tiny_imagenet", identity, build))
     raise DatasetError(f"tiny_imagenet: no data found in {dd}. {how}")
 
 
@@ -554,7 +453,7 @@ IMAGENET_SUBSETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 def _load_imagenet_subset(name: str, data_dir: str | None) -> Dataset:
     wnids, class_names = IMAGENET_SUBSETS[name]
-    dd = formats.as_path(data_dir)
+    dd = as_path(data_dir)
     layout = (
         f"ImageNet (ILSVRC-2012) class folders train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
         f"(the validation images sorted into class folders) in {_dest(dd)} or "
@@ -566,7 +465,7 @@ def _load_imagenet_subset(name: str, data_dir: str | None) -> Dataset:
         raise DatasetError(
             f"{name}: no ImageNet train folder found. Expected {layout}.{_no_dir_hint(dd)}"
         )
-    tree = formats.DirTree(root)
+    tree = archives.DirTree(root)
     files: dict[str, list[tuple[str, int]]] = {}
     for split in ("train", "val"):
         files[split] = []
@@ -577,9 +476,7 @@ def _load_imagenet_subset(name: str, data_dir: str | None) -> Dataset:
                     f"{name}: missing class folder {root / split / wnid} "
                     f"({class_names[label]}). Expected {layout}."
                 )
-            images = [
-                f"{split}/{wnid}/{n}" for n in names if n.lower().endswith(formats.IMAGE_EXTENSIONS)
-            ]
+            images = [f"{split}/{wnid}/{n}" for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
             if not images:
                 raise DatasetError(f"{name}: class folder {root / split / wnid} holds no images")
             files[split] += [(r, label) for r in images]
@@ -587,10 +484,8 @@ def _load_imagenet_subset(name: str, data_dir: str | None) -> Dataset:
     rels = [r for r, _ in files["train"] + files["val"]]
     identity = ["imagenet", size, tree.identity(rels)]
 
-    build = lambda: formats.labelled_arrays(
-        tree, files["train"], files["val"], class_names, crop_size=size
-    )
-    return _dataset(name, formats.cached(dd, name, identity, build))
+    build = lambda: labelled_arrays(tree, files["train"], files["val"], class_names, crop_size=size)
+    return _dataset(name, cache.cached(dd, name, identity, build))
 
 
 @register_dataset("imagenette")
@@ -623,92 +518,3 @@ def load_imagewoof(data_dir: str | None = None) -> Dataset:
       DatasetError: a missing class folder or an undecodable image.
     """
     return _load_imagenet_subset("imagewoof", data_dir)
-
-
-# --------------------------------------------------------------------------------------------
-# Preprocessing
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How raw uint8 images become network inputs.
-
-    Attributes:
-      zca: ZCA whitening (kornia's, eps ``zca_eps``) of [0, 1] pixels; otherwise per-channel
-        standardisation with the training set's mean and std.
-      zca_eps: the eigenvalue regulariser (0.1 in MTT).
-    """
-
-    zca: bool = False
-    zca_eps: float = 0.1
-
-    def identity(self) -> dict[str, Any]:
-        return {"zca": self.zca, "zca_eps": self.zca_eps if self.zca else None}
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessor:
-    """A fitted preprocessing: ``forward`` for networks, ``inverse`` for viewing."""
-
-    config: Preprocessing
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-    zca: zca_lib.ZCA | None = None
-
-    def forward(self, images_uint8: np.ndarray) -> np.ndarray:
-        x = images_uint8.astype(np.float32) / 255.0
-        if self.zca is not None:
-            return zca_lib.apply_zca(self.zca, x)
-        return (x - self.mean) / self.std
-
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        """Back to [0, 1] pixels (clipped), for image grids."""
-        x = np.asarray(x, np.float32)
-        if self.zca is not None:
-            x = zca_lib.invert_zca(self.zca, x)
-        else:
-            x = x * self.std + self.mean
-        return np.clip(x, 0.0, 1.0)
-
-
-def fit_preprocessing(train_images: np.ndarray, config: Preprocessing) -> Preprocessor:
-    """Fits the preprocessing on uint8 training images."""
-    x = train_images.astype(np.float32) / 255.0
-    if config.zca:
-        return Preprocessor(config, zca=zca_lib.fit_zca(x, eps=config.zca_eps))
-    mean = x.mean(axis=(0, 1, 2))
-    std = x.std(axis=(0, 1, 2))
-    std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-    return Preprocessor(config, mean=mean.astype(np.float32), std=std)
-
-
-# --------------------------------------------------------------------------------------------
-# Sampling real images
-# --------------------------------------------------------------------------------------------
-
-
-def check_ipc(labels: np.ndarray, num_classes: int, ipc: int) -> None:
-    """Raises ``DatasetError`` unless ``1 <= ipc <= `` the smallest class's training count."""
-    counts = np.bincount(labels, minlength=num_classes)
-    if ipc < 1:
-        raise DatasetError(f"images per class must be at least 1, got ipc={ipc}")
-    if ipc > counts.min():
-        raise DatasetError(
-            f"ipc={ipc} exceeds the smallest class's {int(counts.min())} training images "
-            f"(class {int(counts.argmin())}); choose ipc <= {int(counts.min())}"
-        )
-
-
-def sample_per_class(
-    rng: np.random.Generator, labels: np.ndarray, num_classes: int, ipc: int
-) -> np.ndarray:
-    """Indices of ``ipc`` distinct random images of each class, class-sorted."""
-    check_ipc(labels, num_classes, ipc)
-    out = [rng.choice(np.flatnonzero(labels == c), ipc, replace=False) for c in range(num_classes)]
-    return np.concatenate(out)
-
-
-def class_sorted_labels(num_classes: int, ipc: int) -> np.ndarray:
-    """``[0]*ipc + [1]*ipc + ...``: the hard labels of a synthetic set."""
-    return np.repeat(np.arange(num_classes, dtype=np.int32), ipc)

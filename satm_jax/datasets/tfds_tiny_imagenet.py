@@ -3,7 +3,7 @@
 Importing this module registers ``tiny_imagenet`` with TFDS. Preparing it::
 
     import tensorflow_datasets as tfds
-    from satm_jax import tfds_tiny_imagenet
+    from satm_jax.datasets import tfds_tiny_imagenet
 
     builder = tfds_tiny_imagenet.TinyImagenet(data_dir="/data/tfds", file_format="array_record")
     builder.download_and_prepare(
@@ -12,8 +12,9 @@ Importing this module registers ``tiny_imagenet`` with TFDS. Preparing it::
     train = tfds.data_source("tiny_imagenet", split="train", data_dir="/data/tfds")
 
 where ``/data/downloads`` holds ``tiny-imagenet-200.zip`` (or its extracted
-``tiny-imagenet-200/``). ``satm_jax.data.load_dataset("tiny_imagenet", data_dir="/data/tfds")``
-then reads the prepared dataset.
+``tiny-imagenet-200/``).
+``satm_jax.datasets.load_dataset("tiny_imagenet", data_dir="/data/tfds")`` then reads the
+prepared dataset.
 
 Why no TensorFlow is needed: ``tfds.features.Image`` encodes NumPy arrays with
 ``tf.image.encode_png``, but passes encoded bytes through untouched and encodes
@@ -35,7 +36,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import utils as tfds_utils
 
-from satm_jax import formats
+from satm_jax.datasets.archives import DirTree, FileTree, ZipTree
+from satm_jax.datasets.errors import DatasetError
+from satm_jax.datasets.readers import tiny_imagenet_index
 
 NUM_CLASSES = 200
 ZIP_NAME = "tiny-imagenet-200.zip"
@@ -43,12 +46,12 @@ DIR_NAME = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def _open_tree(manual_dir: Path) -> formats.FileTree:
+def _open_tree(manual_dir: Path) -> FileTree:
     """The zip in ``manual_dir``, else the extracted folder."""
     if (manual_dir / ZIP_NAME).is_file():
-        return formats.ZipTree(manual_dir / ZIP_NAME, marker="wnids.txt")
+        return ZipTree(manual_dir / ZIP_NAME, marker="wnids.txt")
     if (manual_dir / DIR_NAME).is_dir():
-        return formats.DirTree(manual_dir / DIR_NAME)
+        return DirTree(manual_dir / DIR_NAME)
     raise FileNotFoundError(
         f"no {ZIP_NAME} (or extracted {DIR_NAME}/) in the manual dir {manual_dir}. "
         + TinyImagenet.MANUAL_DOWNLOAD_INSTRUCTIONS
@@ -101,9 +104,9 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, Any]]]:
         manual_dir = Path(dl_manager.manual_dir)
         with _open_tree(manual_dir) as tree:
-            index = formats.tiny_imagenet_index(tree)
+            index = tiny_imagenet_index(tree)
         if len(index.wnids) != NUM_CLASSES:
-            raise formats.DatasetError(
+            raise DatasetError(
                 f"{manual_dir}: wnids.txt lists {len(index.wnids)} classes, expected "
                 f"{NUM_CLASSES}: not the official {ZIP_NAME}"
             )
@@ -127,10 +130,10 @@ class TinyImagenet(tfds.core.GeneratorBasedBuilder):
                         size, mode = img.size, img.mode
                         image: Any = data if mode == "RGB" else img.convert("RGB")
                 except Exception as e:  # PIL raises many types on bad data
-                    raise formats.DatasetError(
+                    raise DatasetError(
                         f"{tree.describe(rel)} is corrupt: cannot decode the image ({e})"
                     ) from e
                 if size != (64, 64):
-                    raise formats.DatasetError(f"{tree.describe(rel)} is {size}, expected 64x64")
+                    raise DatasetError(f"{tree.describe(rel)} is {size}, expected 64x64")
                 name = rel.rsplit("/", 1)[-1]
                 yield name, {"image": image, "label": label, "file_name": name}
