@@ -28,9 +28,10 @@ evaluation networks of width 32 for 250 epochs, herding features after 2 epochs)
     python -m experiments.continual --dataset=fashion_mnist --preset=cpu --budget=continual \
       --stages=5 --ipc=10 --class_orders=0,1,2 --workdir=/tmp/continual_fmnist
 
-That run was not made. Its cost on 2 otherwise idle CPU cores is an *estimate*, 2 to 2.2
-hours, from pieces timed on one Fashion-MNIST stage (12,000 images) while the two cores were
-shared with other jobs (load average 4-8; the times below are the measured ones scaled down
+Its first class order was run on 2026-12-02 (docs/APPLICATIONS.md: 88 min for one order on
+cores shared with other jobs); the three orders were not. Its cost on 2 otherwise idle CPU
+cores is an *estimate*, 2 to 2.2 hours, from pieces timed on one Fashion-MNIST stage (12,000
+images) while the two cores were shared with other jobs (load average 4-8; the times below are the measured ones scaled down
 by the load, and agree with docs/RESULTS.md's 41 s per expert-epoch on all 60,000 images):
 
 * experts: 15 stages x 2 experts x 5 epochs x ~10 s = ~1,500 s;

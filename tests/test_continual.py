@@ -569,3 +569,12 @@ def test_tiny_end_to_end_run_for_real(digits_ds, tmp_path, monkeypatch):
     out2 = continual.run_continual(ccfg, wd, dataset=digits_ds, progress=False, log=lambda m: None)
     assert not seen_by_experts and not initial and not evals
     assert out2["results"] == rows
+
+
+def test_the_tables_and_plot_title_count_only_the_class_orders_with_results(recorded, tmp_path):
+    out = recorded.out
+    assert continual.orders_done(out) == [0, 1]
+    # A run stopped after its first order: its rows hold order 0 only.
+    partial = dict(out, results=[dict(r, orders=[0]) for r in out["results"]])
+    assert continual.orders_done(partial) == [0]
+    assert "class orders (seeds) [0] of the requested [0, 1]" in continual.markdown_table(partial)

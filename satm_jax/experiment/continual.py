@@ -653,6 +653,12 @@ def summarize(
     return rows
 
 
+def orders_done(out: dict[str, Any]) -> list[int]:
+    """The class-order seeds that have results so far (a run still going, or stopped, has
+    fewer than it requested)."""
+    return sorted({int(o) for r in out["results"] for o in r.get("orders", [])})
+
+
 def markdown_table(out: dict[str, Any]) -> str:
     """``continual.md``: one row per method, one column per stage (classes seen)."""
     cfg = out["config"]
@@ -664,7 +670,8 @@ def markdown_table(out: dict[str, Any]) -> str:
         f"# Class-incremental learning on {cfg['dataset']}: {out['stages']} stages of {per} "
         f"classes, IPC {out['ipc']}" + (" (REDUCED protocol)" if cfg.get("reduced") else ""),
         "",
-        f"Preset {cfg['preset']}; class orders (seeds) {cfg['class_order_seeds']}; test accuracy "
+        f"Preset {cfg['preset']}; class orders (seeds) {orders_done(out)} of the requested "
+        f"{cfg['class_order_seeds']}; test accuracy "
         "(%) on all classes seen so far of fresh ConvNets trained from scratch on the memory "
         f"(evaluation lr {cfg['lr']}, {cfg['eval']['epochs']} epochs, "
         f"{cfg['eval']['num_models']} networks per order): mean +- std over class orders x "
@@ -708,7 +715,7 @@ def plot_continual(path: str, out: dict[str, Any]) -> str:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(
         f"{cfg['dataset']}: {out['stages']} stages, IPC {out['ipc']}, "
-        f"{len(cfg['class_order_seeds'])} class order(s)",
+        f"{len(orders_done(out))} of {len(cfg['class_order_seeds'])} class order(s)",
         fontsize=9,
     )
     ax.grid(alpha=0.3)
