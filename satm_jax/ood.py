@@ -56,6 +56,7 @@ import jax
 import numpy as np
 
 from satm_jax import corruptions as corruptions_lib
+from satm_jax import parallel
 
 SOURCES = ("auto", "synthetic", "official")
 DEFAULT_SAMPLES = 1000
@@ -312,14 +313,12 @@ def format_markdown(rows: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@parallel.main_process_only
 def write_report(workdir: str, rows: list[Mapping[str, Any]], stem: str = "ood") -> list[str]:
     """Writes ``<stem>.md`` and the heat map ``<stem>.png`` for the rows with an ``"ood"``
-    object; returns the paths written (none when no row has one, or on a process other
-    than 0)."""
-    from satm_jax import parallel, visualize  # matplotlib only when there is something to draw
-
-    if not parallel.is_main_process():
-        return []
+    object; returns the paths written (none when no row has one; ``None`` on a process other
+    than 0, which writes nothing)."""
+    from satm_jax import visualize  # matplotlib only when there is something to draw
 
     text = format_markdown(rows)
     if not text:
