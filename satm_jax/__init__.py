@@ -19,8 +19,10 @@ The modules, one idea each:
   balls, absolute or relative radii);
 * ``flatness``: the flatness of a finished set (worst-case increase, top Hessian eigenvalue,
   held-out generalisation gap);
+* ``initial_set``: where a synthetic set starts (real images; DATM's soft-label start);
 * ``distill``: the jit-compiled outer step and loop;
-* ``evaluate``: training fresh networks on a synthetic set;
+* ``evaluate``: training fresh networks on a synthetic set; ``baselines``: random real
+  images and the full training set under the same protocol;
 * ``corruptions``: keyed image corruptions (MNIST-C / CIFAR-10-C families) and the loaders of
   the official corrupted sets; ``ood``: out-of-domain evaluation on them;
 * ``herding``: herding selection in a network's penultimate features;

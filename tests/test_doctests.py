@@ -44,6 +44,7 @@ def test_docstring_examples_run(name):
 def test_the_documented_modules_are_all_found():
     documented = {
         "augment",
+        "baselines",
         "convergence",
         "corruptions",
         "datasets.registry",
@@ -52,6 +53,7 @@ def test_the_documented_modules_are_all_found():
         "expert_store",
         "experts",
         "flatness",
+        "initial_set",
         "jsonio",
         "matching",
         "model_registry",

@@ -16,7 +16,10 @@ from tests.helpers import TINY, read_json, read_text, run_module
 @pytest.mark.slow
 def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
     wd = str(tmp_path / "wd")
-    r = run_module("run", f"--workdir={wd}", "--ipc=1", *TINY)
+    # XLA's optimising compiler, as users run it (the rest of the suite turns it off for time).
+    r = run_module(
+        "run", f"--workdir={wd}", "--ipc=1", *TINY, env={"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = read_json(os.path.join(wd, "results.json"))
     assert set(res) == {"results", "config", "wall_s"}

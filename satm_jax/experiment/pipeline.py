@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from satm_jax import augment as augment_lib
+from satm_jax import baselines as baselines_lib
 from satm_jax import checkpoint as checkpoint_lib
 from satm_jax import convergence, expert_store, jsonio, model_registry, parallel
 from satm_jax import datasets as data_lib
@@ -36,6 +37,7 @@ from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib
 from satm_jax import flatness as flatness_lib
+from satm_jax import initial_set as initial_set_lib
 from satm_jax import models as models_lib
 from satm_jax import ood as ood_lib
 from satm_jax import outputs as outputs_lib
@@ -300,34 +302,20 @@ def random_baseline(
     model_name: str = "convnet",
     ood: ood_lib.OodConfig | None = None,
 ) -> evaluate_lib.EvalResult:
-    """Random real images, ``ipc`` per class, a different draw for every evaluation network
-    (also tested on ``ood``'s corrupted sets if given)."""
-    n = cfg.eval.num_models
-    idx = np.stack(
-        [
-            data_lib.sample_per_class(
-                np.random.default_rng(10_000 + cfg.distill.seed * 100 + i),
-                data.dataset.train_labels,
-                data.num_classes,
-                cfg.ipc,
-            )
-            for i in range(n)
-        ]
-    )
-    images = data.train_x[jnp.asarray(idx)]
-    labels = jnp.asarray(np.stack([data_lib.class_sorted_labels(data.num_classes, cfg.ipc)] * n))
-    return evaluate_lib.evaluate_set(
+    """``satm_jax.baselines.random_real`` for ``cfg``: random real images, ``ipc`` per class,
+    a different draw for every evaluation network (also tested on ``ood``'s corrupted sets)."""
+    return baselines_lib.random_real(
         eval_model(cfg, model_name, data.num_classes),
-        images,
-        labels,
+        data.train_x,
+        data.dataset.train_labels,
+        data.num_classes,
+        cfg.ipc,
         cfg.distill.lr_teacher,
         data.test_x,
         data.test_y,
         cfg.eval,
-        key=jax.random.PRNGKey(cfg.eval.seed + 17),
-        per_model_sets=True,
+        seed=cfg.distill.seed,
         progress=progress,
-        desc=f"eval random ipc{cfg.ipc}",
         extra_tests=ood_test_sets(data, ood),
     )
 
@@ -339,20 +327,19 @@ def full_baseline(
     progress: bool = True,
     ood: ood_lib.OodConfig | None = None,
 ) -> evaluate_lib.EvalResult:
-    """The whole training set, with the evaluation protocol for ``cfg.full_epochs`` epochs
-    (also tested on ``ood``'s corrupted sets if given)."""
-    ecfg = dataclasses.replace(cfg.eval, epochs=cfg.full_epochs, epochs_per_call=1)
-    return evaluate_lib.evaluate_set(
+    """``satm_jax.baselines.full_data`` for ``cfg``: the whole training set for
+    ``cfg.full_epochs`` epochs at the experts' learning rate (also tested on ``ood``'s
+    corrupted sets)."""
+    return baselines_lib.full_data(
         eval_model(cfg, "convnet", data.num_classes),
         data.train_x,
         data.train_y,
         cfg.experts.lr,
         data.test_x,
         data.test_y,
-        ecfg,
-        key=jax.random.PRNGKey(cfg.eval.seed + 23),
+        cfg.eval,
+        epochs=cfg.full_epochs,
         progress=progress,
-        desc="eval full",
         extra_tests=ood_test_sets(data, ood),
     )
 
@@ -369,46 +356,23 @@ def initial_set(
     bank: expert_store.ExpertBank | None = None,
     log: Log = _print,
 ) -> tuple[jax.Array, np.ndarray, jax.Array | None]:
-    """The synthetic set's start: ``(images, class ids, label logits or None)``.
-
-    Random real images of each class (preprocessed), class-sorted. With soft labels (DATM) the
-    images are drawn among real images that an expert (the bank's first, at its last loaded
-    epoch) classifies correctly, and the label logits are the experts' mean logits on them.
-    """
+    """The synthetic set's start for ``cfg``: ``(images, class ids, label logits or None)``
+    (``satm_jax.initial_set``: random real images, or DATM's soft-label start from the
+    experts when ``cfg.distill.soft_labels``), drawn with the distillation seed."""
     rng = np.random.default_rng(cfg.distill.seed)
-    labels = data_lib.class_sorted_labels(data.num_classes, cfg.ipc)
+    args = (rng, data.train_x, data.dataset.train_labels, data.num_classes, cfg.ipc)
     if not cfg.distill.soft_labels:
-        idx = data_lib.sample_per_class(rng, data.dataset.train_labels, data.num_classes, cfg.ipc)
-        return data.train_x[jnp.asarray(idx)], labels, None
-    if apply_fn is None or bank is None:
+        start = initial_set_lib.real_images(*args)
+    elif apply_fn is None or bank is None:
         raise ValueError("soft labels need the experts (apply_fn and bank)")
-    last = bank.num_epochs - 1
-    params = jax.tree.map(lambda x: x[:, last], bank.params)
-    first = jax.tree.map(lambda x: x[0], params)
-    predict_one = jax.jit(lambda x: jnp.argmax(apply_fn(first, x), -1))
-    mean_logits = jax.jit(
-        lambda x: jnp.mean(jax.vmap(apply_fn, in_axes=(0, None))(params, x), axis=0)
-    )
-    chosen, short = [], 0
-    train_labels = data.dataset.train_labels
-    for c in range(data.num_classes):
-        cand = rng.permutation(np.flatnonzero(train_labels == c))
-        picked: list[int] = []
-        for i in range(0, len(cand), 256):
-            chunk = cand[i : i + 256]
-            pred = np.asarray(predict_one(data.train_x[jnp.asarray(chunk)]))
-            picked.extend(chunk[pred == c][: cfg.ipc - len(picked)].tolist())
-            if len(picked) == cfg.ipc:
-                break
-        if len(picked) < cfg.ipc:  # too few correct: fill with other images of the class
-            short += cfg.ipc - len(picked)
-            rest = [j for j in cand.tolist() if j not in set(picked)]
-            picked.extend(rest[: cfg.ipc - len(picked)])
-        chosen.extend(picked)
-    if short:
-        log(f"soft labels: {short} initial image(s) are not classified correctly by the expert")
-    images = data.train_x[jnp.asarray(np.asarray(chosen))]
-    return images, labels, mean_logits(images)
+    else:
+        start = initial_set_lib.soft_label_start(*args, apply_fn, bank)
+    if start.misclassified:
+        log(
+            f"soft labels: {start.misclassified} initial image(s) are not classified "
+            "correctly by the expert"
+        )
+    return start.images, start.labels, start.logits
 
 
 def final_set(cfg: RunConfig, state: distill_lib.DistillState) -> tuple[jax.Array, jax.Array]:
@@ -420,6 +384,58 @@ def final_set(cfg: RunConfig, state: distill_lib.DistillState) -> tuple[jax.Arra
 def _unlabelled(d: dict[str, Any]) -> dict[str, Any]:
     """``d`` without its ablation label: an ablation's "mtt" variant is the plain MTT run."""
     return {k: v for k, v in d.items() if k != "variant"}
+
+
+def evaluate_final_set(
+    cfg: RunConfig,
+    data: PreparedData,
+    images: Any,
+    labels: Any,
+    step: float | jax.Array,
+    names: tuple[str, ...] | list[str],
+    *,
+    key_for: Callable[[str], jax.Array | None],
+    reuse: Callable[[str], evaluate_lib.EvalResult | None] = lambda name: None,
+    ood: ood_lib.OodConfig | None = None,
+    progress: bool = True,
+    log: Log = _print,
+    log_note: str = "",
+    **row_extra: Any,
+) -> list[dict[str, Any]]:
+    """One results row per evaluation network in ``names``: fresh networks trained on
+    ``(images, labels)`` at step size ``step`` with ``cfg.eval`` (evaluation key
+    ``key_for(name)``; ``reuse(name)``'s result instead where it has one), tested on the test
+    split and on ``ood``'s corrupted sets. Rows carry ``row_extra`` and the run's variant."""
+    rows = []
+    for name in names:
+        res = reuse(name)
+        if res is None:
+            res = evaluate_lib.evaluate_set(
+                eval_model(cfg, name, data.num_classes),
+                images,
+                labels,
+                step,
+                data.test_x,
+                data.test_y,
+                cfg.eval,
+                key=key_for(name),
+                progress=progress,
+                desc=f"eval {cfg.name} {name}",
+                extra_tests=ood_test_sets(data, ood),
+            )
+        rows.append(
+            _row(
+                cfg.method,
+                cfg.ipc,
+                res,
+                ood,
+                model=name,
+                **row_extra,
+                **({"variant": cfg.variant} if cfg.variant else {}),
+            )
+        )
+        log(f"{cfg.name} [{name}]{log_note}: {res.summary()} %")
+    return rows
 
 
 def distill_and_evaluate(
@@ -589,48 +605,41 @@ def distill_and_evaluate(
             f"top Hessian eigenvalue {flat['hessian_top_eig']:.4g}"
         )
 
-    rows = []
-    final_it = str(int(state.iteration))
-    for name in cfg.eval_models:
-        ev = evals.get(final_it)
+    final_it = int(state.iteration)
+    ev = evals.get(str(final_it))
+
+    def reuse(name: str) -> evaluate_lib.EvalResult | None:
         if name == "convnet" and ev is not None and (ood is None or ev.get("ood") == ood_id):
-            res = evaluate_lib.EvalResult(
+            return evaluate_lib.EvalResult(
                 np.asarray(ev["accs"]), ood_lib.accs_from_json(ev.get("ood_accs", {}))
             )
-        else:
-            # An earlier evaluation at this iteration (made without ``ood``) is repeated with
-            # its own key, so that the clean accuracies stay those it reported.
-            again = name == "convnet" and ev is not None
-            res = evaluate_lib.evaluate_set(
-                eval_model(cfg, name, data.num_classes),
-                images,
-                labels,
-                state.syn_lr,
-                data.test_x,
-                data.test_y,
-                cfg.eval,
-                key=jax.random.PRNGKey(cfg.eval.seed + int(final_it)) if again else None,
-                progress=progress,
-                desc=f"eval {cfg.name} {name}",
-                extra_tests=ood_test_sets(data, ood),
-            )
-        rows.append(
-            _row(
-                cfg.method,
-                cfg.ipc,
-                res,
-                ood,
-                model=name,
-                syn_lr=float(state.syn_lr),
-                distill_s=round(distill_s, 1),
-                nonfinite=int(state.num_nonfinite),
-                reduced=cfg.reduced,
-                convergence=report,
-                **({"flatness": flat} if flat is not None else {}),
-                **({"variant": cfg.variant} if cfg.variant else {}),
-            )
-        )
-        log(f"{cfg.name} [{name}]: {res.summary()} %")
+        return None
+
+    rows = evaluate_final_set(
+        cfg,
+        data,
+        images,
+        labels,
+        state.syn_lr,
+        cfg.eval_models,
+        # An earlier evaluation at this iteration (made without ``ood``) is repeated with its
+        # own key, so that the clean accuracies stay those it reported.
+        key_for=lambda name: (
+            jax.random.PRNGKey(cfg.eval.seed + final_it)
+            if name == "convnet" and ev is not None
+            else None
+        ),
+        reuse=reuse,
+        ood=ood,
+        progress=progress,
+        log=log,
+        syn_lr=float(state.syn_lr),
+        distill_s=round(distill_s, 1),
+        nonfinite=int(state.num_nonfinite),
+        reduced=cfg.reduced,
+        convergence=report,
+        **({"flatness": flat} if flat is not None else {}),
+    )
     jsonio.write_json(
         os.path.join(rundir, "result.json"),
         {"config": cfg_dict, "rows": rows, "ood": ood_id, "flatness": flat_id, "complete": True},
@@ -764,40 +773,25 @@ def evaluate_distilled(
     labels = distill_lib.label_targets(jnp.asarray(d["labels"]), d["soft_labels"])
     step = float(d["syn_lr"]) if lr is None else float(lr)
     it = int(d.get("iteration", 0))
-    rows = []
-    for name in eval_models or cfg.eval_models:
+    return evaluate_final_set(
+        cfg,
+        data,
+        images,
+        labels,
+        step,
+        eval_models or cfg.eval_models,
         # The run's keys: the ConvNet is evaluated with seed + iteration, the others with seed.
-        key = jax.random.PRNGKey(ecfg.seed + it) if name == "convnet" else None
-        res = evaluate_lib.evaluate_set(
-            eval_model(cfg, name, data.num_classes),
-            images,
-            labels,
-            step,
-            data.test_x,
-            data.test_y,
-            ecfg,
-            key=key,
-            progress=progress,
-            desc=f"eval {cfg.name} {name}",
-            extra_tests=ood_test_sets(data, ood),
-        )
-        rows.append(
-            _row(
-                cfg.method,
-                cfg.ipc,
-                res,
-                ood,
-                model=name,
-                lr=step,
-                path=path,
-                reduced=cfg.reduced,
-                eval_width=ecfg.width or cfg.model.width,
-                eval_epochs=ecfg.epochs,
-                **({"variant": cfg.variant} if cfg.variant else {}),
-            )
-        )
-        log(f"{cfg.name} [{name}] lr {step:.4g}: {res.summary()} %")
-    return rows
+        key_for=lambda name: jax.random.PRNGKey(ecfg.seed + it) if name == "convnet" else None,
+        ood=ood,
+        progress=progress,
+        log=log,
+        log_note=f" lr {step:.4g}",
+        lr=step,
+        path=path,
+        reduced=cfg.reduced,
+        eval_width=ecfg.width or cfg.model.width,
+        eval_epochs=ecfg.epochs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
