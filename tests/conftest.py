@@ -47,16 +47,6 @@ def pytest_sessionfinish(session):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def fast_compile():
-    """XLA compile time dominates tiny inputs: skip most optimisation for a module
-    (``pytestmark = pytest.mark.usefixtures("fast_compile")``)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 @pytest.fixture
 def digits():
     from satm_jax import datasets

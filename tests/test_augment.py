@@ -15,9 +15,6 @@ import pytest
 from satm_jax import augment
 from tests.helpers import slow_cases, x64
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 # --------------------------------------------------------------------------------------------
 # Independent NumPy references
 # --------------------------------------------------------------------------------------------

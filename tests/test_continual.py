@@ -38,9 +38,6 @@ TINY = dict(
 )
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 @pytest.fixture(scope="module")
 def digits_ds():
     return datasets.load_dataset("digits")

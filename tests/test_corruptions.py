@@ -10,8 +10,6 @@ import pytest
 from satm_jax import corruptions
 from satm_jax.corruptions import CORRUPTIONS, SEVERITIES, CorruptionDataError
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 NAMES = sorted(CORRUPTIONS)
 RANDOM_NAMES = [n for n in NAMES if n not in corruptions.KEY_INDEPENDENT]
 REQUIRED = (

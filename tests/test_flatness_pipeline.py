@@ -8,8 +8,6 @@ from satm_jax import flatness
 from satm_jax.experiment import configs, pipeline
 from tests.helpers import read_json, read_text, tiny_overrides
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 @pytest.mark.slow
 def test_flatness_is_measured_on_held_out_experts_and_reused(tmp_path, digits):

@@ -7,9 +7,6 @@ import pytest
 
 from satm_jax import herding, models
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 # Four points in 2-D, worked by hand.  Class mean mu = ((0+4+0+3)/4, (0+0+2+4)/4) = (1.75, 1.5).
 POINTS = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
 

@@ -176,9 +176,6 @@ def _data(shape, n=4, seed=0):
     return x, jnp.arange(n, dtype=jnp.int32) % 10
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", POOL)
 def test_forward_and_one_sgd_step(name):

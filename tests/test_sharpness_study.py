@@ -8,8 +8,6 @@ from experiments import sharpness_study as study_lib
 from satm_jax import flatness
 from tests.helpers import tiny_overrides
 
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 
 def test_points_cover_mtt_truncated_mtt_and_every_radius_and_ball():
     pts = study_lib.points([0.01, 0.1], ["global", "per_example"], "relative")
