@@ -44,17 +44,34 @@ flags.DEFINE_list("balls", ["global", "per_example"], "Balls of the SATM points.
 flags.DEFINE_list(
     "per_example_radii", None, "Radii of the per-image ball's points (default: --radii)."
 )
+flags.DEFINE_list(
+    "references",
+    None,
+    "Reference points to run (default: all of REFERENCES); e.g. --references=mtt to add "
+    "mtt_tuh later: finished points are reused.",
+)
 
 BALL_LABELS = {"global": "global", "per_example": "perimg"}
 FLATNESS_KEYS = ("worst_case_increase_rel", "hessian_top_eig", "generalisation_gap")
+# The reference points: MTT, and MTT with the truncated hypergradient (K = ceil(N/3)).
+REFERENCES = {"mtt": {}, "mtt_tuh": {"hypergrad": "truncated"}}
 
 
 def points(
-    radii: list[float] | dict[str, list[float]], balls: list[str], rho_scale: str
+    radii: list[float] | dict[str, list[float]],
+    balls: list[str],
+    rho_scale: str,
+    references: list[str] | None = None,
 ) -> list[tuple[str, str, dict]]:
     """``(name, method, overrides)`` of every point of the study (``radii``: one grid, or one
-    per ball)."""
-    out = [("mtt", "mtt", {}), ("mtt_tuh", "mtt", {"hypergrad": "truncated"})]
+    per ball; ``references``: which of ``REFERENCES``, all by default)."""
+    references = list(REFERENCES) if references is None else references
+    for r in references:
+        if r not in REFERENCES:
+            raise configs_lib.ConfigError(
+                f"unknown reference point {r!r}; choose from {list(REFERENCES)}"
+            )
+    out = [(r, "mtt", dict(REFERENCES[r])) for r in REFERENCES if r in references]
     for ball in balls:
         if ball not in BALL_LABELS:
             raise configs_lib.ConfigError(f"unknown ball {ball!r}; choose from {list(BALL_LABELS)}")
@@ -78,6 +95,7 @@ def run_study(
     flatness_cfg,
     workdir: str,
     *,
+    references: list[str] | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
@@ -92,7 +110,7 @@ def run_study(
     dataset_obj = data_lib.load_dataset(dataset, data_dir=data_dir)
     os.makedirs(os.path.join(workdir, "experts"), exist_ok=True)
     rows = []
-    for name, method, point in points(radii, balls, scale):
+    for name, method, point in points(radii, balls, scale, references):
         for s in seeds:
             pdir = os.path.join(workdir, f"{name}_s{s}")
             os.makedirs(pdir, exist_ok=True)
@@ -296,6 +314,7 @@ def main(argv):
             seeds,
             flat,
             FLAGS.workdir,
+            references=FLAGS.references,
             progress=FLAGS.progress,
         )
     except (*errors.user_errors(), ValueError) as e:

@@ -84,3 +84,11 @@ def test_each_ball_can_have_its_own_radius_grid():
         {"global": [0.1], "per_example": [0.01, 0.1]}, ["global", "per_example"], "relative"
     )
     assert [p[0] for p in pts[2:]] == ["satm_global_r0.1", "satm_perimg_r0.01", "satm_perimg_r0.1"]
+
+
+def test_references_choose_the_reference_points_and_reject_unknown_names():
+    pts = study_lib.points([0.1], ["global"], "relative", references=["mtt"])
+    assert [p[0] for p in pts] == ["mtt", "satm_global_r0.1"]
+    assert [p[0] for p in study_lib.points([], ["global"], "relative", [])] == []
+    with pytest.raises(study_lib.configs_lib.ConfigError, match="unknown reference point"):
+        study_lib.points([0.1], ["global"], "relative", references=["mttt"])
