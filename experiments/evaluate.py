@@ -21,11 +21,10 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import ood_flags  # noqa: F401 (defines the --eval_ood flags)
+from experiments import eval_models_flags, ood_flags  # noqa: F401 (ood_flags: --eval_ood)
 
 flags.DEFINE_list("distilled", None, "distilled.npz files to evaluate.", required=True)
 flags.DEFINE_list("lr", ["own"], "Step sizes to evaluate with; 'own' = the set's learned one.")
-flags.DEFINE_list("eval_models", None, "Networks (default: the run's), e.g. convnet,resnet18.")
 flags.DEFINE_integer("num_eval", None, "Evaluation networks per set (default: the run's).")
 flags.DEFINE_integer("eval_epochs", None, "Training epochs (default: the run's).")
 flags.DEFINE_integer(
@@ -65,12 +64,13 @@ def main(argv):
     rows = []
     try:
         lrs = parse_lrs(FLAGS.lr)
+        eval_models = eval_models_flags.eval_models_from_flags()
         for path in FLAGS.distilled:
             for lr in lrs:
                 for row in pipeline.evaluate_distilled(
                     path,
                     lr=lr,
-                    eval_models=tuple(FLAGS.eval_models) if FLAGS.eval_models else None,
+                    eval_models=eval_models,
                     num_models=FLAGS.num_eval,
                     epochs=FLAGS.eval_epochs,
                     width=FLAGS.eval_width,

@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments import errors, flatness_flags, knobs, ood_flags
+from experiments import errors, eval_models_flags, flatness_flags, knobs, ood_flags
 from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
@@ -63,16 +63,15 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-flags.DEFINE_list(
-    "eval_models",
-    None,
-    "Networks the final set is evaluated on, e.g. convnet,resnet18,vgg11,alexnet.",
-)
 
 
 def overrides_from_flags() -> dict:
-    names = [*OVERRIDE_FLAGS, "dsa_strategy", "eval_models"]
-    return {n: FLAGS[n].value for n in names if FLAGS[n].value is not None}
+    names = [*OVERRIDE_FLAGS, "dsa_strategy"]
+    out = {n: FLAGS[n].value for n in names if FLAGS[n].value is not None}
+    models = eval_models_flags.eval_models_from_flags()
+    if models is not None:
+        out["eval_models"] = list(models)
+    return out
 
 
 def build_configs(

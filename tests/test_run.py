@@ -63,6 +63,9 @@ def test_end_to_end_smoke_on_a_tiny_config(tmp_path):
     assert [x["lr"] for x in rows] == [pytest.approx(satm_row["syn_lr"]), 0.5]
     assert rows[0]["accs"] == satm_row["accs"] and rows[0]["method"] == "satm"
     assert sum(x.startswith("{") for x in r3.stdout.splitlines()) == 2
+    r4 = run_module("evaluate", f"--distilled={npz}", "--eval_models=resnet81", "--progress=false")
+    assert r4.returncode == 2 and "unknown network(s) ['resnet81']" in r4.stderr
+    assert not r4.stdout.strip()  # refused before evaluating anything
 
 
 @pytest.mark.parametrize(
@@ -299,3 +302,26 @@ def test_every_override_has_one_flag_documented_by_its_field(absl_flags):
         "ema_decay": 0.9,
         "zca": True,
     }
+
+
+def test_eval_models_has_one_definition_shared_by_run_and_evaluate(absl_flags):
+    import pathlib
+    import re
+
+    from experiments import eval_models_flags
+
+    here = pathlib.Path(run_lib.__file__).parent
+    defs = {
+        p.name: len(re.findall(r'DEFINE_\w+\(\s*"eval_models"', p.read_text()))
+        for p in here.glob("*.py")
+    }
+    assert {k: v for k, v in defs.items() if v} == {"eval_models_flags.py": 1}
+    for user in ("run.py", "evaluate.py"):
+        assert "eval_models_flags.eval_models_from_flags()" in (here / user).read_text()
+    absl_flags(["prog", "--eval_models=convnet,resnet18"])
+    assert run_lib.overrides_from_flags() == {"eval_models": ["convnet", "resnet18"]}
+    assert eval_models_flags.eval_models_from_flags() == ("convnet", "resnet18")
+    absl_flags.unparse_flags()
+    absl_flags(["prog", "--eval_models=convnet,resnet81"])
+    with pytest.raises(configs.ConfigError, match=r"unknown network\(s\) \['resnet81'\]"):
+        run_lib.overrides_from_flags()
