@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from optax import tree_utils as otu
 
 from satm_jax.train import cross_entropy
 
@@ -144,12 +145,7 @@ def sample_student_batches(
 
 def tree_sq_dist(a: Params, b: Params) -> Array:
     """``sum over leaves of ||a - b||^2``."""
-    return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def tree_vdot(a: Params, b: Params) -> Array:
-    """``sum over leaves of <a, b>``."""
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return otu.tree_norm(otu.tree_sub(a, b), squared=True)
 
 
 def normalized_distance(params: Params, start: Params, target: Params) -> Array:
@@ -226,7 +222,7 @@ def unroll(
             idx, w, key = inp
         p, g = student_step(apply_fn, p, images, labels, syn_lr, idx, w, key, augment_fn)
         if track:
-            gs = jax.tree.map(jnp.add, gs, g)
+            gs = otu.tree_add(gs, g)
         return (p, gs), None
 
     if remat:
@@ -273,7 +269,7 @@ def run_prefix(
         batches.slice(0, num_prefix_steps),
         augment_fn=augment_fn,
         remat=False,
-        grad_sum=jax.tree.map(jnp.zeros_like, start),
+        grad_sum=otu.tree_zeros_like(start),
     )
     return Prefix(sg(params), sg(grad_sum))
 
@@ -390,4 +386,4 @@ def first_order_lr_grad(final: Params, grad_sum: Params, start: Params, target: 
     """
     sg = jax.lax.stop_gradient
     diff = jax.tree.map(lambda a, b: sg(a) - sg(b), final, target)
-    return -2.0 * tree_vdot(diff, sg(grad_sum)) / tree_sq_dist(sg(start), sg(target))
+    return -2.0 * otu.tree_vdot(diff, sg(grad_sum)) / tree_sq_dist(sg(start), sg(target))

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax import tree_utils as otu
 
 Params = Any
 
@@ -48,8 +49,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-10):
     def init_fn(params):
         # two separate buffers: the outer loop donates its state, and one buffer cannot be
         # donated twice
-        mu = jax.tree.map(jnp.zeros_like, params)
-        nu = jax.tree.map(jnp.zeros_like, params)
+        mu = otu.tree_zeros_like(params)
+        nu = otu.tree_zeros_like(params)
         return AdamState(jnp.zeros((), jnp.int32), mu, nu)
 
     def update_fn(updates, state, params=None):

@@ -52,24 +52,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax import tree_utils as otu
 
 Params = Any
 GradFn = Callable[[Params, int], Params]
 
 NORM_EPS = 1e-12
-
-
-def _norm(tree: Params) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def _vdot(a: Params, b: Params) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _axpy(alpha, x: Params, y: Params) -> Params:
-    """``alpha * x + y`` leafwise."""
-    return jax.tree.map(lambda a, b: (alpha * a).astype(b.dtype) + b, x, y)
 
 
 def _require_grad_fn(grad_fn: GradFn | None, name: str) -> GradFn:
@@ -156,8 +144,8 @@ def sam_perturbation(
     if radius == "relative" and params is None:
         raise ValueError("radius='relative' needs params")
     if ball == "global":
-        r = rho * _norm(params) if radius == "relative" else rho
-        scale = r / (_norm(grads) + NORM_EPS)
+        r = rho * otu.tree_norm(params) if radius == "relative" else rho
+        scale = r / (otu.tree_norm(grads) + NORM_EPS)
         return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
 
     def leaf(g, x):
@@ -184,7 +172,7 @@ def _perturbed_transform(
         grad_fn = _require_grad_fn(grad_fn, name)
         params = _require_params(params, name)
         eps = perturb(updates, params)
-        adv_grads = grad_fn(jax.tree.map(jnp.add, params, eps), 0)
+        adv_grads = grad_fn(otu.tree_add(params, eps), 0)
         direction = combine(updates, adv_grads)
         new_updates, base_state = base_optimizer.update(direction, state.base_state, params)
         return new_updates, SharpnessState(base_state)
@@ -257,7 +245,7 @@ def asam(
     def perturb(h, p):
         t = jax.tree.map(lambda x: jnp.abs(x) + eta, p)
         th = jax.tree.map(jnp.multiply, t, h)
-        scale = rho / (_norm(th) + NORM_EPS)
+        scale = rho / (otu.tree_norm(th) + NORM_EPS)
         return jax.tree.map(lambda ti, thi: (scale * ti * thi).astype(thi.dtype), t, th)
 
     return _perturbed_transform(base_optimizer, perturb, lambda h, g: g, "asam")
@@ -283,9 +271,9 @@ def gsam(
     """
 
     def combine(h, g):
-        coef = _vdot(h, g) / (_vdot(g, g) + NORM_EPS)
-        h_perp = jax.tree.map(lambda hi, gi: hi - (coef * gi).astype(hi.dtype), h, g)
-        return _axpy(-alpha, h_perp, g)
+        coef = otu.tree_vdot(h, g) / (otu.tree_vdot(g, g) + NORM_EPS)
+        h_perp = otu.tree_add_scale(h, -coef, g)
+        return otu.tree_add_scale(g, -alpha, h_perp)
 
     check_ball(ball, radius)
     return _perturbed_transform(
@@ -333,7 +321,7 @@ def smooth_sam(
         noisy = jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise)])
         h = grad_fn(noisy, 0)
         eps = sam_perturbation(h, rho, params, ball=ball, radius=radius)
-        g = grad_fn(jax.tree.map(jnp.add, params, eps), 1)
+        g = grad_fn(otu.tree_add(params, eps), 1)
         new_updates, base_state = base_optimizer.update(g, state.base_state, params)
         return new_updates, SmoothSharpnessState(base_state, key)
 

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from optax import tree_utils as otu
 
 from satm_jax import matching
 
@@ -57,11 +58,11 @@ class StepMoments(NamedTuple):
 
 def step_moments(start: Params, target: Params, grad_sum: Params) -> StepMoments:
     """The inner products of one trajectory that ``best_constant_step`` needs."""
-    d = jax.tree.map(jnp.subtract, start, target)
+    d = otu.tree_sub(start, target)
     return StepMoments(
-        matching.tree_vdot(d, grad_sum),
-        matching.tree_vdot(grad_sum, grad_sum),
-        matching.tree_vdot(d, d),
+        otu.tree_vdot(d, grad_sum),
+        otu.tree_vdot(grad_sum, grad_sum),
+        otu.tree_vdot(d, d),
     )
 
 
@@ -97,7 +98,7 @@ def make_moments_fn(
             batches,
             augment_fn=augment_fn,
             remat=False,
-            grad_sum=jax.tree.map(jnp.zeros_like, start),
+            grad_sum=otu.tree_zeros_like(start),
         )
         return step_moments(start, target, grad_sum)
 

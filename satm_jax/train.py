@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from optax import tree_utils as otu
 
 Array = jax.Array
 AugmentFn = Callable[[Array, Array], Array]
@@ -55,7 +56,7 @@ def init_train_state(variables: dict[str, Any]) -> TrainState:
     return TrainState(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        momentum=jax.tree.map(jnp.zeros_like, params),
+        momentum=otu.tree_zeros_like(params),
         epoch=jnp.zeros((), jnp.int32),
     )
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from satm_jax import augment, matching
@@ -156,7 +157,9 @@ def test_first_order_step_size_gradient_closed_form():
     )
     g = matching.first_order_lr_grad(aux.final_params, aux.grad_sum, start, target)
     diff = jax.tree.map(jnp.subtract, aux.final_params, target)
-    expected = -2 * matching.tree_vdot(diff, aux.grad_sum) / matching.tree_sq_dist(start, target)
+    expected = (
+        -2 * optax.tree_utils.tree_vdot(diff, aux.grad_sum) / matching.tree_sq_dist(start, target)
+    )
     np.testing.assert_allclose(g, expected, rtol=1e-6)
 
 
