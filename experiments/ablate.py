@@ -11,6 +11,7 @@ satm_exact          SATM with the exact hypergradient (K = N)
 satm_k_half         SATM with K = ceil(N/2)
 satm_no_tr          SATM without trajectory reusing (second pass from theta_0)
 satm_backprop_lr    SATM with MTT's back-propagated step-size gradient
+satm_window_lr      SATM with the first-order step size over the differentiated window (ours)
 satm_asam           ASAM in SAM's place
 satm_gsam           GSAM in SAM's place
 satm_smooth         Gaussian-smoothed SAM
@@ -54,6 +55,10 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "satm_k_half": ("satm", "SATM with K = ceil(N/2)"),
     "satm_no_tr": ("satm", "SATM without trajectory reusing (second pass from theta_0)"),
     "satm_backprop_lr": ("satm", "SATM with the back-propagated step-size gradient"),
+    "satm_window_lr": (
+        "satm",
+        "SATM with the first-order step size over the last K (differentiated) steps only",
+    ),
     "satm_asam": ("satm", "ASAM in SAM's place"),
     "satm_gsam": ("satm", "GSAM in SAM's place"),
     "satm_smooth": ("satm", "Gaussian-smoothed SAM"),
@@ -79,6 +84,8 @@ def variant_config(base: configs_lib.RunConfig, variant: str, seed: int) -> conf
         changes = dict(reuse_trajectory=False)
     elif variant == "satm_backprop_lr":
         changes = dict(lr_update="backprop")
+    elif variant == "satm_window_lr":
+        changes = dict(lr_update="first_order_window")
     elif variant == "satm_asam":
         changes = dict(sharpness="asam")
     elif variant == "satm_gsam":

@@ -44,7 +44,7 @@ Array = jax.Array
 Params = Any
 
 HYPERGRADS = ("exact", "truncated")
-LR_UPDATES = ("backprop", "first_order", "fixed")
+LR_UPDATES = ("backprop", "first_order", "first_order_window", "fixed")
 IMG_OPTIMIZERS = ("sgd", "adam")
 LR_SPACES = ("linear", "log")
 LR_INITS = ("teacher", "closed_form")
@@ -88,7 +88,10 @@ class DistillConfig:
       img_momentum: SGD momentum of the images (MTT 0.5).
       lr_momentum: SGD momentum of the step size (MTT 0.5).
       lr_update: step-size gradient: ``"backprop"`` (MTT), ``"first_order"`` (SATM's closed
-        form) or ``"fixed"``.
+        form, ``G`` summed over all ``N`` steps), ``"first_order_window"`` (ours: the same
+        closed form with ``G`` summed over the last ``K`` steps only, the window the truncated
+        hypergradient differentiates; equal to ``"first_order"`` when ``K = N``) or
+        ``"fixed"``.
       lr_floor: the step size is kept at or above ``lr_floor * lr_teacher`` (our guard).
       hypergrad: ``"exact"`` (all ``N`` steps) or ``"truncated"`` (last ``truncate`` steps).
       truncate: ``K`` for the truncated hypergradient.
@@ -488,7 +491,7 @@ def make_outer_step(
             state.images, state.syn_lr, state.labels
         )
         g_img, g_lr = grads[0], grads[1]
-        if cfg.lr_update == "first_order":
+        if cfg.lr_update in ("first_order", "first_order_window"):
             g_lr = matching.first_order_lr_grad(
                 aux.final_params, aux.grad_sum, sample.start, sample.target
             )
@@ -577,6 +580,7 @@ def make_passes(
     n_pre = matching.num_prefix_steps(cfg.syn_steps, cfg.truncation)
     soft = cfg.soft_labels
     kw = dict(augment_fn=augment_fn, remat=cfg.remat)
+    window = cfg.lr_update == "first_order_window"
 
     def passes(state: DistillState, sample: IterationSample):
         targets0 = label_targets(state.labels, soft)
@@ -602,6 +606,7 @@ def make_passes(
                 sample.target,
                 sample.batches,
                 n_pre,
+                window_grad_sum=window,
                 **kw,
             )
 

@@ -294,11 +294,13 @@ def suffix_loss(
     *,
     augment_fn: AugmentFn = _identity_augment,
     remat: bool = True,
+    window_grad_sum: bool = False,
 ) -> tuple[Array, SuffixAux]:
     """The last ``K`` steps from ``prefix`` and the normalised loss; differentiable in X, alpha.
 
     ``aux.grad_sum`` is ``G = sum_n g_n`` over all ``N`` steps (prefix included), for
-    ``first_order_lr_grad``.
+    ``first_order_lr_grad``; with ``window_grad_sum=True`` it is ``G_K``, the sum over the
+    last ``K`` (differentiated) steps only, so that ``theta_N = theta_{N-K} - alpha * G_K``.
     """
     final, grad_sum = unroll(
         apply_fn,
@@ -309,7 +311,7 @@ def suffix_loss(
         batches.slice(num_prefix_steps, batches.num_steps),
         augment_fn=augment_fn,
         remat=remat,
-        grad_sum=prefix.grad_sum,
+        grad_sum=otu.tree_zeros_like(prefix.grad_sum) if window_grad_sum else prefix.grad_sum,
     )
     loss = normalized_distance(final, start, target)
     return loss, SuffixAux(final, grad_sum)
@@ -383,6 +385,10 @@ def first_order_lr_grad(final: Params, grad_sum: Params, start: Params, target: 
     ``g_n`` as constants in ``alpha``:
 
         dL/dalpha = -2 <theta_N - target, G> / ||theta_0 - target||^2.
+
+    Given the window sum ``G_K`` instead (``suffix_loss(..., window_grad_sum=True)``), the same
+    formula is the first-order step-size gradient of the truncated graph, where ``theta_{N-K}``
+    is a constant: ``theta_N = theta_{N-K} - alpha * G_K`` (our variant, ``first_order_window``).
     """
     sg = jax.lax.stop_gradient
     diff = jax.tree.map(lambda a, b: sg(a) - sg(b), final, target)

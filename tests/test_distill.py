@@ -50,6 +50,23 @@ def test_trajectory_reusing_with_rho_zero_equals_the_truncated_update(reuse):
     tree_allclose(satm.images, tuh.images, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_window_step_size_update_differs_from_first_order_only_when_truncated():
+    # K < N: the window sums fewer gradients than SATM's all-steps form, so the step sizes
+    # part after one iteration; K = N: the window is the whole unroll and they agree.
+    lrs = {}
+    for truncate in (1, None):
+        for lr_update in ("first_order", "first_order_window"):
+            hypergrad = "exact" if truncate is None else "truncated"
+            cfg, apply_fn, bank, x, y = distill_problem(
+                hypergrad=hypergrad, truncate=truncate, lr_update=lr_update
+            )
+            state, _ = _steps(cfg, apply_fn, bank, x, y, n=1)
+            lrs[truncate, lr_update] = float(state.syn_lr)
+    assert lrs[1, "first_order"] != pytest.approx(lrs[1, "first_order_window"], rel=1e-6)
+    assert lrs[None, "first_order"] == pytest.approx(lrs[None, "first_order_window"], rel=1e-6)
+
+
 def _second_pass_points(reuse):
     """What the second pass differentiates, rebuilt by hand from the same random draws."""
     from satm_jax import augment

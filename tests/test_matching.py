@@ -179,6 +179,71 @@ def test_first_order_step_size_gradient_equals_backprop_when_n_is_one():
         np.testing.assert_allclose(float(g_fo), float(g_bp), rtol=1e-10)
 
 
+def test_window_step_size_gradient_sums_only_the_differentiated_steps():
+    apply_fn, start, target, images, labels, batches = _setup(jnp.float32)
+    lr, n_pre = jnp.asarray(0.05), N_STEPS - 2
+    prefix = matching.run_prefix(apply_fn, start, images, labels, lr, batches, n_pre)
+    _, aux = matching.suffix_loss(
+        apply_fn, images, labels, lr, prefix, start, target, batches, n_pre, window_grad_sum=True
+    )
+    # G_K by hand: the gradients of the last two steps, taken from theta_{N-K}.
+    p, g_window = prefix.params, jax.tree.map(jnp.zeros_like, start)
+    for n in range(n_pre, N_STEPS):
+        w = None if batches.weights is None else batches.weights[n]
+        p, g = matching.student_step(
+            apply_fn, p, images, labels, lr, batches.indices[n], w, batches.keys[n]
+        )
+        g_window = jax.tree.map(jnp.add, g_window, g)
+    tree_allclose(aux.grad_sum, g_window, rtol=1e-5, atol=1e-7)
+    # theta_N = theta_{N-K} - alpha * G_K, and the gradient is the closed form with G_K.
+    tree_allclose(
+        aux.final_params,
+        jax.tree.map(lambda s, g: s - lr * g, prefix.params, g_window),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    diff = jax.tree.map(jnp.subtract, aux.final_params, target)
+    expected = (
+        -2 * optax.tree_utils.tree_vdot(diff, g_window) / matching.tree_sq_dist(start, target)
+    )
+    g = matching.first_order_lr_grad(aux.final_params, aux.grad_sum, start, target)
+    np.testing.assert_allclose(g, expected, rtol=1e-5)
+
+
+def test_window_step_size_gradient_equals_truncated_backprop_when_k_is_one():
+    # With K = 1 the differentiated step's gradient is taken at the constant theta_{N-1}, so
+    # the window's first-order step-size gradient is the truncated graph's exact one; the
+    # all-steps form (SATM's) is not.
+    with x64():
+        apply_fn, start, target, images, labels, batches = _setup(jnp.float64)
+        lr, n_pre = jnp.asarray(0.05, jnp.float64), N_STEPS - 1
+        g_bp = jax.grad(
+            lambda a: matching.matching_loss(
+                apply_fn, images, labels, a, start, target, batches, truncate=1
+            )
+        )(lr)
+        prefix = matching.run_prefix(apply_fn, start, images, labels, lr, batches, n_pre)
+        grads = {}
+        for window in (True, False):
+            _, aux = matching.suffix_loss(
+                apply_fn,
+                images,
+                labels,
+                lr,
+                prefix,
+                start,
+                target,
+                batches,
+                n_pre,
+                window_grad_sum=window,
+            )
+            grads[window] = float(
+                matching.first_order_lr_grad(aux.final_params, aux.grad_sum, start, target)
+            )
+        np.testing.assert_allclose(grads[True], float(g_bp), rtol=1e-10)
+        assert abs(grads[False] - float(g_bp)) > 1e-3 * abs(float(g_bp))
+
+
 def test_student_batches_walk_permutations():
     b = matching.sample_student_batches(jax.random.PRNGKey(0), 10, 4, 7)
     assert b.indices.shape == (7, 4) and b.keys.shape == (7, 2)

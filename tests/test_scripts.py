@@ -143,6 +143,19 @@ def test_ablation_table_reports_the_spread_over_seeds():
     assert "74.00 +- 4.24 (2)" in md and "| 1/2 |" in md
 
 
+def test_window_lr_variant_changes_only_the_step_size_update():
+    import dataclasses
+
+    from experiments import ablate
+    from satm_jax.experiment import configs
+
+    base = configs.make_run_config("digits", 1, "satm")
+    v = ablate.variant_config(base, "satm_window_lr", 2)
+    assert v.variant == "satm_window_lr_s2"
+    assert v.distill == dataclasses.replace(base.distill, lr_update="first_order_window", seed=2)
+    assert base.distill.lr_update == "first_order"
+
+
 def test_side_by_side_summary_is_the_median_ratio_over_rounds():
     from experiments import side_by_side
 
