@@ -1,11 +1,11 @@
 """``--eval_models``, shared by ``experiments.run`` and ``experiments.evaluate``: one
-definition and one check of the names against ``satm_jax.model_registry.MODELS``."""
+definition; the names are checked by ``satm_jax.experiment.configs.check_eval_models``, the
+check the pipeline makes too, here so that a bad name ends the command before any work."""
 
 from __future__ import annotations
 
 from absl import flags
 
-from satm_jax import model_registry
 from satm_jax.experiment import configs
 
 flags.DEFINE_list(
@@ -27,9 +27,4 @@ def eval_models_from_flags() -> tuple[str, ...] | None:
     names = FLAGS.eval_models
     if not names:
         return None
-    unknown = [n for n in names if n not in model_registry.MODELS]
-    if unknown:
-        raise configs.ConfigError(
-            f"--eval_models: unknown network(s) {unknown}; choose from {sorted(model_registry.MODELS)}"
-        )
-    return tuple(names)
+    return configs.check_eval_models(names)

@@ -70,7 +70,7 @@ def overrides_from_flags() -> dict:
     out = {n: FLAGS[n].value for n in names if FLAGS[n].value is not None}
     models = eval_models_flags.eval_models_from_flags()
     if models is not None:
-        out["eval_models"] = list(models)
+        out["eval_models"] = models
     return out
 
 

@@ -28,7 +28,7 @@ import dataclasses
 import math
 from typing import Any
 
-from satm_jax import distill, experts, matching, models, sharpness
+from satm_jax import distill, experts, matching, model_registry, models, sharpness
 from satm_jax.augment import DEFAULT_STRATEGY
 from satm_jax.datasets import Preprocessing
 from satm_jax.distill import DistillConfig
@@ -117,6 +117,23 @@ class Preset:
 
 
 _DIGITS_DSA = "color_crop_cutout_scale_rotate"  # no flips: mirrored digits are other glyphs
+
+
+def check_eval_models(names: Any) -> tuple[str, ...]:
+    """``names`` as a tuple, each a network of ``satm_jax.model_registry.MODELS``.
+
+    The one check of evaluation-network names, used by the command line and the pipeline.
+
+    Raises:
+      ConfigError: an unknown network name.
+    """
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in model_registry.MODELS]
+    if unknown:
+        raise ConfigError(
+            f"eval_models: unknown network(s) {unknown}; choose from {sorted(model_registry.MODELS)}"
+        )
+    return names
 
 
 def _digits_preset(ipc: int) -> Preset:

@@ -112,11 +112,7 @@ def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> Non
             model_registry.build_model(cfg.model, dataset.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        for name in cfg.eval_models:
-            if name not in model_registry.MODELS:
-                raise ConfigError(
-                    f"unknown evaluation model {name!r}; choose from {sorted(model_registry.MODELS)}"
-                )
+        configs_lib.check_eval_models(cfg.eval_models)
         for strategy in (cfg.experts.dsa_strategy, cfg.distill.dsa_strategy, cfg.eval.dsa_strategy):
             try:
                 augment_lib.parse_strategy(strategy)
@@ -737,6 +733,8 @@ def evaluate_distilled(
       ConfigError: the file's config cannot be read, bad ``lr``/``num_models``/``epochs``.
       data_lib.DatasetError: the dataset cannot be loaded, or its images do not match the set.
     """
+    if eval_models is not None:
+        eval_models = configs_lib.check_eval_models(eval_models)
     d = outputs_lib.load_distilled(path)
     cfg = configs_lib.run_config_from_dict(d["config"])
     if lr is not None and not (np.isfinite(lr) and lr > 0):
