@@ -91,6 +91,7 @@ from satm_jax import jsonio, model_registry, parallel
 from satm_jax import outputs as outputs_lib
 from satm_jax.experiment import configs as configs_lib
 from satm_jax.experiment import pipeline as pipeline_lib
+from satm_jax.experiment import result_cache
 from satm_jax.experiment.configs import ConfigError, RunConfig
 
 Log = Callable[[str], None]
@@ -870,8 +871,8 @@ def run_continual(
                     }
                 )
                 rpath = os.path.join(stage.directory, m, "result.json")
-                cached = jsonio.read_json(rpath)
-                if cached is not None and cached.get("complete") and cached.get("key") == rkey:
+                cached = result_cache.load(rpath, rkey)
+                if cached is not None:
                     accs = np.asarray(cached["accs"], np.float64)
                     log(f"{where}: evaluation reused from {rpath}")
                 else:
@@ -889,14 +890,13 @@ def run_continual(
                         desc=f"eval {m} order{order_seed} stage{k}",
                     )
                     accs = np.asarray(res.accs, np.float64)
-                    jsonio.write_json(
+                    result_cache.store(
                         rpath,
+                        rkey,
                         {
-                            "key": rkey,
                             "accs": accs.tolist(),
                             "memory_size": int(len(y)),
                             "num_test": int(len(test_idx)),
-                            "complete": True,
                         },
                     )
                     log(

@@ -6,8 +6,9 @@ method) sharing data and experts, and writes under ``workdir``:
 * ``experts/<dataset>-<hash>/``: the expert store (reused by later runs with the same dataset,
   model, preprocessing and expert training);
 * ``runs/<dataset>_ipc<k>_<method>/``: ``config.json``, ``metrics.jsonl``, checkpoints,
-  ``synthetic.png`` (ZCA undone), ``distilled.npz``, ``result.json``;
-* ``baselines/``: random real images and the full training set;
+  ``synthetic.png`` (ZCA undone), ``distilled.npz``, ``result.json`` (the run's rows, reused
+  by a later identical request; ``result_cache``'s format);
+* ``baselines/``: random real images and the full training set (``result_cache``'s format);
 * ``results.json``: ``{"results": [...], "config": {...}, "wall_s": ...}`` and ``results.md``.
 
 Finished pieces are not redone: a rerun with the same configuration reuses finished experts,
@@ -42,6 +43,7 @@ from satm_jax import models as models_lib
 from satm_jax import ood as ood_lib
 from satm_jax import outputs as outputs_lib
 from satm_jax.experiment import configs as configs_lib
+from satm_jax.experiment import result_cache
 from satm_jax.experiment.configs import ConfigError, RunConfig
 
 Log = Callable[[str], None]
@@ -459,15 +461,11 @@ def distill_and_evaluate(
     rundir = os.path.join(workdir, "runs", cfg.name)
     os.makedirs(rundir, exist_ok=True)
     cfg_dict = jsonio.to_jsonable(cfg.to_dict())
-    cached = jsonio.read_json(os.path.join(rundir, "result.json"))
-    if (
-        cached is not None
-        and cached.get("complete")
-        and _unlabelled(cached.get("config", {})) == _unlabelled(cfg_dict)
-        and cached.get("ood") == ood_id
-        and cached.get("flatness") == flat_id
-    ):
-        log(f"{cfg.name}: finished earlier, results reused from {rundir}/result.json")
+    result_path = os.path.join(rundir, "result.json")
+    result_key = _run_key(cfg_dict, ood_id, flat_id)
+    cached = result_cache.load(result_path, result_key, legacy=_legacy_run_result)
+    if cached is not None:
+        log(f"{cfg.name}: finished earlier, results reused from {result_path}")
         label = {"variant": cfg.variant} if cfg.variant else {}
         return [{**_unlabelled(row), **label} for row in cached["rows"]]
     jsonio.write_json(os.path.join(rundir, "config.json"), cfg_dict)
@@ -636,11 +634,21 @@ def distill_and_evaluate(
         convergence=report,
         **({"flatness": flat} if flat is not None else {}),
     )
-    jsonio.write_json(
-        os.path.join(rundir, "result.json"),
-        {"config": cfg_dict, "rows": rows, "ood": ood_id, "flatness": flat_id, "complete": True},
-    )
+    result_cache.store(result_path, result_key, {"rows": rows})
     return rows
+
+
+def _run_key(cfg_dict: dict[str, Any], ood_id: Any, flat_id: Any) -> dict[str, Any]:
+    """What a finished run's ``result.json`` must match to be reused (its ablation label aside:
+    an ablation's "mtt" variant is the plain MTT run)."""
+    return {"config": _unlabelled(cfg_dict), "ood": ood_id, "flatness": flat_id}
+
+
+def _legacy_run_result(doc: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """A ``result.json`` of the format before ``result_cache`` (config, rows, ood, flatness)."""
+    if doc.get("complete") is not True or "config" not in doc or "rows" not in doc:
+        return None
+    return _run_key(doc["config"], doc.get("ood"), doc.get("flatness")), {"rows": doc["rows"]}
 
 
 # Held-out experts are trained with the run's expert seed plus this: never the sampled ones.
@@ -816,18 +824,25 @@ def _cached_baseline(
     log: Log,
     what: str,
 ) -> evaluate_lib.EvalResult:
-    cached = jsonio.read_json(path)
-    if cached is not None and cached.get("key") == key:
+    cached = result_cache.load(path, key, legacy=_legacy_baseline)
+    if cached is not None:
         log(f"{what}: reused from {path}")
         return evaluate_lib.EvalResult(
             np.asarray(cached["accs"]), ood_lib.accs_from_json(cached.get("ood_accs", {}))
         )
     res = compute()
-    out = {"key": key, "accs": res.accs.tolist()}
+    out: dict[str, Any] = {"accs": res.accs.tolist()}
     if res.extra:
         out["ood_accs"] = ood_lib.accs_to_json(res.extra)
-    jsonio.write_json(path, out)
+    result_cache.store(path, key, out)
     return res
+
+
+def _legacy_baseline(doc: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    """A baseline file of the format before ``result_cache`` (key and accs, no ``complete``)."""
+    if "key" not in doc or "accs" not in doc:
+        return None
+    return doc["key"], {k: v for k, v in doc.items() if k != "key"}
 
 
 def train_and_evaluate(
