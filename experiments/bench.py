@@ -29,6 +29,7 @@ Examples::
     python -m experiments.bench --config=cpu-n2 --mode=exact
     python -m experiments.bench --config=c10-ipc10 --mode=exact,satm --iters=5
     python -m experiments.bench --config=c10-ipc10 --mode=eval --eval_epochs=1000
+    python -m experiments.bench --config=cpu-n2 --syn_steps=10 --dsa_strategy=none --profile
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ flags.DEFINE_string("dsa_strategy", "color_crop_cutout_flip_scale_rotate", "DSA 
 flags.DEFINE_integer("eval_epochs", 1000, "Epochs for --mode=eval.")
 flags.DEFINE_integer("num_eval", 5, "Networks for --mode=eval.")
 flags.DEFINE_bool("data_parallel", False, "Split inner minibatches across all devices.")
+flags.DEFINE_bool(
+    "profile",
+    False,
+    "Also trace the timed iterations with jax.profiler and add op_ms: time per iteration by "
+    "operation kind (experiments.op_profile).",
+)
 
 
 def _peak_mem_gib() -> float:
@@ -157,12 +164,23 @@ def bench_distill(shape: dict, mode: str) -> dict:
         state, m = run(state, bank)
         jax.block_until_ready(m)
         times.append((time.perf_counter() - t0) / cfg.steps_per_call)
-    return {
+    out = {
         "ms_per_iter": round(1000 * float(np.median(times)), 2),
         "compile_s": round(compile_s, 2),
         "truncate": cfg.truncation,
         "loss_finite": bool(np.all(np.isfinite(np.asarray(m["loss"])))),
     }
+    if FLAGS.profile:
+        from experiments import op_profile
+
+        def once():
+            nonlocal state
+            state, metrics = run(state, bank)
+            jax.block_until_ready(metrics)
+
+        op_ms = op_profile.traced(FLAGS.iters, once)
+        out["op_ms"] = {k: round(v / cfg.steps_per_call, 2) for k, v in op_ms.items()}
+    return out
 
 
 def bench_eval(shape: dict) -> dict:

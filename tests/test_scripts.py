@@ -32,12 +32,31 @@ def test_bench_prints_one_record_per_mode():
         "--iters=2",
         "--eval_epochs=2",
         "--num_eval=1",
+        "--profile",
     )
     recs = _json_lines(r.stdout)
     assert [x["mode"] for x in recs] == ["exact", "truncated", "satm", "eval"]
     for x in recs:
         assert x["ms_per_iter"] > 0 and x["peak_mem_gib"] > 0
         assert x["backend"] == "cpu" and x["shape"]["num_classes"] == 2
+    for x in recs[:3]:  # --profile: XLA's operations, by kind, with positive times
+        assert x["op_ms"] and all(v >= 0 for v in x["op_ms"].values())
+        assert not any(k.startswith(("Thunk", "$")) for k in x["op_ms"])
+
+
+def test_op_profile_sums_operation_kinds_per_call_without_runtime_events():
+    from experiments import op_profile
+
+    events = [
+        {"ph": "X", "name": "ynn_fusion.87", "dur": 3000.0},
+        {"ph": "X", "name": "ynn_fusion.113", "dur": 1000.0},
+        {"ph": "X", "name": "copy_bitcast_fusion.1.2", "dur": 2000.0},
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000.0},
+        {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 9000.0},
+        {"ph": "i", "name": "dot.1", "dur": 5.0},  # not a complete event
+    ]
+    assert op_profile.breakdown(events, calls=2) == {"ynn_fusion": 2.0, "copy_bitcast_fusion": 1.0}
+    assert list(op_profile.breakdown(events, calls=1)) == ["ynn_fusion", "copy_bitcast_fusion"]
 
 
 @pytest.mark.slow
