@@ -190,3 +190,19 @@ def test_side_by_side_summary_is_the_median_ratio_over_rounds():
 def test_side_by_side_without_mtt_files_says_where_it_looked(tmp_path):
     r = _module("side_by_side", f"--mtt_dir={tmp_path}", "--steps=2", "--rounds=1", check=False)
     assert r.returncode == 2 and "torch_mtt.py" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_conv_probe_formulations_compute_the_library_convolution():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import conv_probe
+    from satm_jax import models
+
+    kx, kk = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (2, 6, 6, 3))
+    kernel = jax.random.normal(kk, (3, 3, 3, 4))
+    want = models.conv2d(x, kernel, padding=1, impl="patches")
+    for impl in ("shifted", "rows", "lax"):
+        got = conv_probe.dispatch(x, kernel, padding=1, impl=impl)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
