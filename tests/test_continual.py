@@ -459,6 +459,7 @@ def test_a_killed_run_resumes_stage_by_stage(digits_ds, tmp_path):
     assert not third.distills and not third.experts
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_input_with_a_clear_message(tmp_path):
     for args, message in (
         (["--stages=3"], "do not divide 10 classes"),

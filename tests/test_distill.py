@@ -248,6 +248,7 @@ def test_config_validation_messages():
         distill.DistillConfig(min_start_epoch=5, max_start_epoch=5).validate()
 
 
+@pytest.mark.slow
 def test_nan_loss_from_a_bad_expert_skips_only_those_iterations():
     cfg, apply_fn, bank, x, y = distill_problem(iterations=8, steps_per_call=4, dsa_strategy="none")
     # Expert 1's checkpoints are NaN: every iteration that samples it has a NaN loss.
@@ -297,6 +298,7 @@ def test_calibrated_outer_loop_runs_in_the_donating_multi_step_loop():
     assert float(out.syn_lr) != lr0 and not np.allclose(out.images, x)
 
 
+@pytest.mark.slow
 def test_sharpness_metrics_measure_the_perturbation_and_its_loss_increase():
     """``eps_norm`` is the ball's radius (absolute: rho; per-image relative: rho ||X||);
     ``sharpness`` is the second pass minus the first and, for a small ball, its first-order

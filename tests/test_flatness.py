@@ -78,6 +78,7 @@ def _bank_problem(res=8):
     return apply_fn, params, images, labels, cfg
 
 
+@pytest.mark.slow
 def test_fixed_matching_loss_is_the_mean_over_its_drawn_trajectories():
     apply_fn, params, images, labels, dcfg = _bank_problem()
     bank = synthetic_bank(params, num_experts=2, epochs=4)

@@ -179,6 +179,7 @@ def test_first_order_step_size_gradient_equals_backprop_when_n_is_one():
         np.testing.assert_allclose(float(g_fo), float(g_bp), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_window_step_size_gradient_sums_only_the_differentiated_steps():
     apply_fn, start, target, images, labels, batches = _setup(jnp.float32)
     lr, n_pre = jnp.asarray(0.05), N_STEPS - 2

@@ -14,7 +14,7 @@ def _net_and_params(conv_impl, norm="instancenorm", channels=3, depth=2, width=8
 
 
 @pytest.mark.parametrize(
-    "norm", slow_cases(["instancenorm", "batchnorm", "none"], ["instancenorm", "none"])
+    "norm", slow_cases(["instancenorm", "batchnorm", "none"], ["instancenorm", "batchnorm"])
 )
 def test_patches_and_lax_convolutions_agree_on_outputs_and_gradients(norm):
     net_p, variables = _net_and_params("patches", norm)

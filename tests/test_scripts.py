@@ -194,7 +194,6 @@ def test_side_by_side_without_mtt_files_says_where_it_looked(tmp_path):
 
 def test_conv_probe_formulations_compute_the_library_convolution():
     import jax
-    import jax.numpy as jnp
 
     from experiments import conv_probe
     from satm_jax import models
