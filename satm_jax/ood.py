@@ -29,6 +29,7 @@ The summary of one evaluated set (``results.json``'s ``"ood"`` object of a row) 
      "std": {"fog": {"1": 0.7, ...}, ...},         # std over networks, percent
      "corruption_acc": {"fog": 74.9, ...},         # mean over severities
      "mean_corruption_acc": 70.3,                  # mean over corruptions and severities
+     "mean_corruption_acc_std": 0.6,               # its std over networks (each network's mean)
      "worst": {"corruption": "zigzag", "acc": 41.0}}
 
 Example:
@@ -266,6 +267,10 @@ def summarise(accs: Mapping[tuple[str, int], np.ndarray], cfg: OodConfig) -> dic
     per_corruption = {n: round(float(np.mean(list(v.values()))), 4) for n, v in acc.items()}
     worst = min(per_corruption, key=per_corruption.get)
     every = [a for v in acc.values() for a in v.values()]
+    # Each network's own mean over every corruption and severity, then the spread of those
+    # means: the per-cell stds above cannot give it (the cells share the networks).
+    cells = [np.asarray(accs[(n, s)], np.float64) for n in cfg.corruptions for s in cfg.severities]
+    per_net = 100.0 * np.mean(cells, axis=0)
     return {
         "source": cfg.source,
         "samples": cfg.samples,
@@ -274,6 +279,7 @@ def summarise(accs: Mapping[tuple[str, int], np.ndarray], cfg: OodConfig) -> dic
         "std": std,
         "corruption_acc": per_corruption,
         "mean_corruption_acc": round(float(np.mean(every)), 4),
+        "mean_corruption_acc_std": round(float(np.std(per_net)), 4),
         "worst": {"corruption": worst, "acc": per_corruption[worst]},
     }
 
@@ -282,6 +288,11 @@ def _label(row: Mapping[str, Any]) -> str:
     name = row.get("variant", row["method"])
     model = row.get("model", "convnet")
     return f"{name} ipc{row['ipc']}" + ("" if model == "convnet" else f" [{model}]")
+
+
+def _mean_corr(o: Mapping[str, Any]) -> str:
+    std = o.get("mean_corruption_acc_std")  # absent from summaries written before it existed
+    return f"{o['mean_corruption_acc']:.2f}" + ("" if std is None else f" +- {std:.2f}")
 
 
 def format_markdown(rows: list[Mapping[str, Any]]) -> str:
@@ -298,7 +309,7 @@ def format_markdown(rows: list[Mapping[str, Any]]) -> str:
         cells = [
             _label(r),
             f"{r['acc_mean']:.2f} +- {r['acc_std']:.2f}",
-            f"{o['mean_corruption_acc']:.2f}",
+            _mean_corr(o),
             f"{o['worst']['corruption']} {o['worst']['acc']:.2f}",
             *(f"{o['corruption_acc'].get(n, float('nan')):.2f}" for n in names),
         ]

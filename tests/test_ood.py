@@ -137,6 +137,13 @@ def test_summary_by_hand():
     assert s["std"]["a"]["1"] == pytest.approx(10.0) and s["std"]["b"]["2"] == pytest.approx(10.0)
     assert s["corruption_acc"] == {"a": 70.0, "b": 40.0}
     assert s["mean_corruption_acc"] == 55.0
+    # network 0: (90 + 60 + 50 + 20) / 4 = 55; network 1: (70 + 60 + 50 + 40) / 4 = 55
+    assert s["mean_corruption_acc_std"] == pytest.approx(0.0)
+    apart = {("a", 1): [0.8, 0.4], ("a", 2): [0.6, 0.2], ("b", 1): [0.5, 0.5], ("b", 2): [0.5, 0.5]}
+    s2 = ood.summarise({k: np.array(v) for k, v in apart.items()}, cfg)
+    # network means 60 and 40: std 10 (over networks), not the mean of the cells' stds (10, 10, 0, 0)
+    assert s2["mean_corruption_acc"] == pytest.approx(50.0)
+    assert s2["mean_corruption_acc_std"] == pytest.approx(10.0)
     assert s["worst"] == {"corruption": "b", "acc": 40.0}
     assert s["samples"] == 9 and s["severities"] == [1, 2]
     back = ood.accs_from_json(json.loads(json.dumps(ood.accs_to_json(accs))))
@@ -145,7 +152,7 @@ def test_summary_by_hand():
         np.testing.assert_allclose(back[k], accs[k])
     row = {"method": "mtt", "ipc": 1, "acc_mean": 90.0, "acc_std": 1.0, "ood": s}
     table = ood.format_markdown([row, {"method": "random", "ipc": 1}])
-    assert "| mtt ipc1 | 90.00 +- 1.00 | 55.00 | b 40.00 | 70.00 | 40.00 |" in table
+    assert "| mtt ipc1 | 90.00 +- 1.00 | 55.00 +- 0.00 | b 40.00 | 70.00 | 40.00 |" in table
     assert "random" not in table.splitlines()[2:3]
 
 
