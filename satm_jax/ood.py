@@ -257,11 +257,13 @@ def summarise(accs: Mapping[tuple[str, int], np.ndarray], cfg: OodConfig) -> dic
     """
     acc: dict[str, dict[str, float]] = {}
     std: dict[str, dict[str, float]] = {}
+    cells = []  # per-network accuracies of every (corruption, severity)
     for name in cfg.corruptions:
         acc[name] = {}
         std[name] = {}
         for s in cfg.severities:
             a = 100.0 * np.asarray(accs[(name, s)], np.float64)
+            cells.append(a)
             acc[name][str(s)] = round(float(a.mean()), 4)
             std[name][str(s)] = round(float(a.std()), 4)
     per_corruption = {n: round(float(np.mean(list(v.values()))), 4) for n, v in acc.items()}
@@ -269,8 +271,7 @@ def summarise(accs: Mapping[tuple[str, int], np.ndarray], cfg: OodConfig) -> dic
     every = [a for v in acc.values() for a in v.values()]
     # Each network's own mean over every corruption and severity, then the spread of those
     # means: the per-cell stds above cannot give it (the cells share the networks).
-    cells = [np.asarray(accs[(n, s)], np.float64) for n in cfg.corruptions for s in cfg.severities]
-    per_net = 100.0 * np.mean(cells, axis=0)
+    per_net = np.mean(cells, axis=0)
     return {
         "source": cfg.source,
         "samples": cfg.samples,
