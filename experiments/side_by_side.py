@@ -13,7 +13,16 @@ faster) and its range over rounds::
         --torch_python=/path/to/venv-with-torch/bin/python
 
 ``--dsa`` chooses satm-jax's augmentation: ``off`` (MTT's script has none: the like-for-like
-row), ``on`` (satm-jax's default), or ``both``. The MTT side needs a Python with
+row), ``on`` (satm-jax's default), or ``both``.
+
+``--path=eval`` times the other hot path, the evaluation training, instead: satm-jax's
+``experiments.bench --mode=eval`` (``--num_eval`` networks vmapped, ``--eval_epochs`` epochs
+on ``--ncls x --ipc`` images) against ``experiments/torch_eval.py`` (the same number of MTT's
+ConvNets trained one after another with MTT's evaluation settings); ``--steps`` and ``--mode``
+are then unused and the rows carry ``"steps": 0, "mode": "eval"``::
+
+    python -m experiments.side_by_side --path=eval --ipc=10 --eval_epochs=100 --num_eval=3 \
+        --dsa=off --rounds=3 --torch_python=/path/to/venv-with-torch/bin/python The MTT side needs a Python with
 ``torch==2.13.0`` and numpy (``--torch_python``) and MTT's files (``--mtt_dir``, default
 ``../shared/anchors/mtt``).
 """
@@ -33,6 +42,7 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TORCH_MS = re.compile(r"median_iter=([0-9.]+)ms")
+_TORCH_EVAL_MS = re.compile(r"total=([0-9.]+)ms")
 
 
 def define_flags() -> None:
@@ -43,6 +53,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("ipc", 1, "Images per class.")
     flags.DEFINE_integer("res", 32, "Image side.")
     flags.DEFINE_integer("depth", 3, "ConvNet depth.")
+    flags.DEFINE_integer("channels", 3, "Image channels.")
+    flags.DEFINE_enum(
+        "path", "outer", ["outer", "eval"], "What to time: the outer iteration or the evaluation."
+    )
+    flags.DEFINE_integer("eval_epochs", 100, "Epochs per network for --path=eval.")
+    flags.DEFINE_integer("num_eval", 3, "Networks for --path=eval.")
     flags.DEFINE_integer("iters", 5, "Timed iterations per process (after one warm-up).")
     flags.DEFINE_integer("rounds", 3, "Alternating rounds per shape.")
     flags.DEFINE_list("mode", ["exact"], "satm-jax modes (experiments.bench --mode).")
@@ -56,7 +72,8 @@ def define_flags() -> None:
 
 
 def run_jax(n: int, mode: str, dsa: bool) -> float:
-    """Median ms per outer iteration of ``experiments.bench`` in a fresh process."""
+    """Median ms per outer iteration (or the whole evaluation, ``mode="eval"``) of
+    ``experiments.bench`` in a fresh process."""
     args = [
         sys.executable,
         "-m",
@@ -65,9 +82,12 @@ def run_jax(n: int, mode: str, dsa: bool) -> float:
         f"--ipc={FLAGS.ipc}",
         f"--res={FLAGS.res}",
         f"--depth={FLAGS.depth}",
-        f"--syn_steps={n}",
+        f"--channels={FLAGS.channels}",
+        f"--syn_steps={max(n, 1)}",
         f"--mode={mode}",
         f"--iters={FLAGS.iters}",
+        f"--eval_epochs={FLAGS.eval_epochs}",
+        f"--num_eval={FLAGS.num_eval}",
         f"--dsa_strategy={'color_crop_cutout_flip_scale_rotate' if dsa else 'none'}",
     ]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -99,6 +119,30 @@ def run_torch(n: int) -> float:
     return float(m.group(1))
 
 
+def run_torch_eval() -> float:
+    """Ms of ``experiments/torch_eval.py`` (all networks) in a fresh process."""
+    script = os.path.join(ROOT, "experiments", "torch_eval.py")
+    if not os.path.exists(os.path.join(FLAGS.mtt_dir, "networks.py")):
+        raise FileNotFoundError(f"MTT's networks.py is not in {FLAGS.mtt_dir} (--mtt_dir)")
+    args = [
+        FLAGS.torch_python,
+        script,
+        f"--ncls={FLAGS.ncls}",
+        f"--ipc={FLAGS.ipc}",
+        f"--res={FLAGS.res}",
+        f"--channels={FLAGS.channels}",
+        f"--depth={FLAGS.depth}",
+        f"--epochs={FLAGS.eval_epochs}",
+        f"--num_eval={FLAGS.num_eval}",
+        f"--mtt_dir={FLAGS.mtt_dir}",
+    ]
+    r = subprocess.run(args, capture_output=True, text=True, check=False)
+    m = _TORCH_EVAL_MS.search(r.stdout)
+    if r.returncode or not m:
+        raise RuntimeError(f"torch_eval.py failed (--torch_python?):\n{r.stderr[-2000:]}")
+    return float(m.group(1))
+
+
 def summarise(rounds: list[dict]) -> list[dict]:
     """Per (N, mode, dsa): medians of both sides and the ratio's median and range."""
     out = []
@@ -127,11 +171,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     dsas = {"off": [False], "on": [True], "both": [False, True]}[FLAGS.dsa]
     rounds = []
+    evaluation = FLAGS.path == "eval"
     try:
-        for n in (int(s) for s in FLAGS.steps):
+        for n in [0] if evaluation else [int(s) for s in FLAGS.steps]:
             for k in range(FLAGS.rounds):
-                mtt = run_torch(n)
-                for mode in FLAGS.mode:
+                mtt = run_torch_eval() if evaluation else run_torch(n)
+                for mode in ["eval"] if evaluation else FLAGS.mode:
                     for dsa in dsas:
                         rec = {
                             "round": k,

@@ -4,6 +4,8 @@ the GPU scripts that call them."""
 import json
 import os
 import re
+import statistics
+import sys
 
 import numpy as np
 import pytest
@@ -190,6 +192,60 @@ def test_side_by_side_summary_is_the_median_ratio_over_rounds():
 def test_side_by_side_without_mtt_files_says_where_it_looked(tmp_path):
     r = _module("side_by_side", f"--mtt_dir={tmp_path}", "--steps=2", "--rounds=1", check=False)
     assert r.returncode == 2 and "torch_mtt.py" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_side_by_side_eval_path_without_mtt_files_says_where_it_looked(tmp_path):
+    r = _module("side_by_side", "--path=eval", f"--mtt_dir={tmp_path}", "--rounds=1", check=False)
+    assert r.returncode == 2 and "networks.py" in r.stderr and str(tmp_path) in r.stderr
+
+
+def test_torch_eval_without_mtt_files_says_where_it_looked(tmp_path):
+    r = run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "torch_eval.py"),
+            f"--mtt_dir={tmp_path}",
+        ],
+        check=False,
+    )
+    assert r.returncode == 2 and "networks.py" in r.stderr and str(tmp_path) in r.stderr
+
+
+@pytest.mark.slow
+def test_side_by_side_eval_path_times_both_sides_and_prints_their_ratio(tmp_path):
+    # A stand-in for the torch interpreter: prints torch_eval.py's result line, so that the
+    # plumbing (arguments, parsing, the ratio) is tested where torch is not installed.
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        '#!/bin/sh\necho "$@" > ' + str(tmp_path / "args") + "\n"
+        "echo 'torch-eval ncls=2 total=1234.5ms'\n"
+    )
+    fake.chmod(0o755)
+    (tmp_path / "networks.py").write_text("")
+    r = _module(
+        "side_by_side",
+        "--path=eval",
+        f"--mtt_dir={tmp_path}",
+        f"--torch_python={fake}",
+        "--ncls=2",
+        "--ipc=2",
+        "--res=8",
+        "--channels=1",
+        "--depth=1",
+        "--eval_epochs=2",
+        "--num_eval=1",
+        "--rounds=2",
+        "--dsa=off",
+    )
+    recs = _json_lines(r.stdout)
+    rows = [x for x in recs if "summary" not in x]
+    (s,) = [x["summary"] for x in recs if "summary" in x]
+    assert len(rows) == 2 and all(x["mode"] == "eval" and x["steps"] == 0 for x in rows)
+    assert all(x["mtt_ms"] == 1234.5 and x["jax_ms"] > 0 for x in rows)
+    assert s["ratio_median"] == pytest.approx(statistics.median(1234.5 / x["jax_ms"] for x in rows))
+    args = (tmp_path / "args").read_text()
+    assert "torch_eval.py" in args and "--epochs=2" in args and "--num_eval=1" in args
+    assert "--channels=1" in args and "--ipc=2" in args
 
 
 def test_conv_probe_formulations_compute_the_library_convolution():
