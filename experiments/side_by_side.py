@@ -22,9 +22,10 @@ ConvNets trained one after another with MTT's evaluation settings); ``--steps`` 
 are then unused and the rows carry ``"steps": 0, "mode": "eval"``::
 
     python -m experiments.side_by_side --path=eval --ipc=10 --eval_epochs=100 --num_eval=3 \
-        --dsa=off --rounds=3 --torch_python=/path/to/venv-with-torch/bin/python The MTT side needs a Python with
-``torch==2.13.0`` and numpy (``--torch_python``) and MTT's files (``--mtt_dir``, default
-``../shared/anchors/mtt``).
+        --dsa=off --rounds=3 --torch_python=/path/to/venv-with-torch/bin/python
+
+The MTT side needs a Python with ``torch==2.13.0`` and numpy (``--torch_python``) and MTT's
+files (``--mtt_dir``, default ``../shared/anchors/mtt``).
 """
 
 from __future__ import annotations
