@@ -22,13 +22,18 @@ cpu-n50        10 x 1, 32 px, depth 3, N = 50, full batch (MTT's CPU anchor)
 Modes: ``exact`` (MTT's hypergradient through all N steps), ``truncated`` (last K steps,
 ``--truncate``, default ceil(N/3)), ``satm`` (SAM + trajectory reusing + truncation to
 K = ceil(N/3) + first-order step size), ``eval`` (``--num_eval`` ConvNets trained
-``--eval_epochs`` epochs on the synthetic set; ``ms_per_iter`` is then the whole evaluation).
+``--eval_epochs`` epochs on the synthetic set; ``ms_per_iter`` is then the whole evaluation),
+``expert`` (``--num_experts`` experts trained together, as ``satm_jax.experts`` does, for
+``--expert_epochs`` epochs on ``--expert_images`` images at MTT's expert settings: SGD lr 0.01,
+no momentum or weight decay, minibatches of 256; ``ms_per_iter`` is then the whole training,
+after one warm-up epoch).
 
 Examples::
 
     python -m experiments.bench --config=cpu-n2 --mode=exact
     python -m experiments.bench --config=c10-ipc10 --mode=exact,satm --iters=5
     python -m experiments.bench --config=c10-ipc10 --mode=eval --eval_epochs=1000
+    python -m experiments.bench --config=c10-ipc10 --mode=expert --expert_images=5000
     python -m experiments.bench --config=cpu-n2 --syn_steps=10 --dsa_strategy=none --profile
 """
 
@@ -53,7 +58,7 @@ CONFIGS: dict[str, dict] = {
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, f"Named config: {', '.join(CONFIGS)} (flags below override).")
-flags.DEFINE_list("mode", ["exact"], "exact, truncated, satm, eval (comma-separated).")
+flags.DEFINE_list("mode", ["exact"], "exact, truncated, satm, eval, expert (comma-separated).")
 flags.DEFINE_integer("num_classes", None, "Classes.")
 flags.DEFINE_integer("ipc", None, "Images per class.")
 flags.DEFINE_integer("res", None, "Image side in pixels.")
@@ -70,6 +75,9 @@ flags.DEFINE_enum("conv_impl", "auto", ["auto", "patches", "lax"], "Convolution 
 flags.DEFINE_string("dsa_strategy", "color_crop_cutout_flip_scale_rotate", "DSA families.")
 flags.DEFINE_integer("eval_epochs", 1000, "Epochs for --mode=eval.")
 flags.DEFINE_integer("num_eval", 5, "Networks for --mode=eval.")
+flags.DEFINE_integer("expert_images", 5000, "Training images for --mode=expert.")
+flags.DEFINE_integer("expert_epochs", 1, "Timed epochs for --mode=expert.")
+flags.DEFINE_integer("num_experts", 1, "Experts trained together (vmap) for --mode=expert.")
 flags.DEFINE_bool("data_parallel", False, "Split inner minibatches across all devices.")
 flags.DEFINE_bool(
     "profile",
@@ -217,6 +225,43 @@ def bench_eval(shape: dict) -> dict:
     }
 
 
+def bench_expert(shape: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from satm_jax import augment, experts, models
+
+    c, res, ch = shape["num_classes"], shape["res"], shape["channels"]
+    net = models.ConvNet(
+        num_classes=c, width=shape["width"], depth=shape["depth"], conv_impl=FLAGS.conv_impl
+    )
+    cfg = experts.ExpertConfig(dsa_strategy=FLAGS.dsa_strategy)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (FLAGS.expert_images, res, res, ch))
+    y = jnp.arange(FLAGS.expert_images, dtype=jnp.int32) % c
+    init, epoch = experts.make_expert_trainer(
+        net, x.shape[1:], cfg, augment.make_augment(cfg.dsa_strategy)
+    )
+    keys = jax.random.split(key, FLAGS.num_experts)
+    states = init(keys)
+    t0 = time.perf_counter()
+    states, m = epoch(states, keys, x, y)  # warm-up: compilation and the first epoch
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for e in range(FLAGS.expert_epochs):
+        states, m = epoch(states, jax.vmap(lambda k: jax.random.fold_in(k, e))(keys), x, y)
+    jax.block_until_ready(m)
+    total = time.perf_counter() - t0
+    return {
+        "ms_per_iter": round(1000 * total, 1),
+        "compile_s": round(max(first - total / FLAGS.expert_epochs, 0.0), 2),
+        "expert_images": FLAGS.expert_images,
+        "expert_epochs": FLAGS.expert_epochs,
+        "num_experts": FLAGS.num_experts,
+    }
+
+
 def resolve_shape() -> dict:
     shape = dict(CONFIGS[FLAGS.config]) if FLAGS.config else {}
     for k in ("num_classes", "ipc", "res", "depth", "syn_steps", "batch_syn"):
@@ -241,7 +286,12 @@ def main(argv):
 
     shape = resolve_shape()
     for mode in FLAGS.mode:
-        out = bench_eval(shape) if mode == "eval" else bench_distill(shape, mode)
+        if mode == "eval":
+            out = bench_eval(shape)
+        elif mode == "expert":
+            out = bench_expert(shape)
+        else:
+            out = bench_distill(shape, mode)
         rec = {
             "config": FLAGS.config or "custom",
             "mode": mode,

@@ -24,6 +24,14 @@ are then unused and the rows carry ``"steps": 0, "mode": "eval"``::
     python -m experiments.side_by_side --path=eval --ipc=10 --eval_epochs=100 --num_eval=3 \
         --dsa=off --rounds=3 --torch_python=/path/to/venv-with-torch/bin/python
 
+``--path=expert`` times the expert training: ``experiments.bench --mode=expert``
+(``--num_experts`` experts vmapped, ``--expert_epochs`` epochs on ``--expert_images`` images)
+against ``experiments/torch_eval.py --expert`` (as many of MTT's ConvNets trained one after
+another with ``buffer.py``'s settings); rows carry ``"steps": 0, "mode": "expert"``::
+
+    python -m experiments.side_by_side --path=expert --expert_images=5000 --expert_epochs=1 \
+        --dsa=off --rounds=3 --torch_python=/path/to/venv-with-torch/bin/python
+
 The MTT side needs a Python with ``torch==2.13.0`` and numpy (``--torch_python``) and MTT's
 files (``--mtt_dir``, default ``../shared/anchors/mtt``).
 """
@@ -56,10 +64,16 @@ def define_flags() -> None:
     flags.DEFINE_integer("depth", 3, "ConvNet depth.")
     flags.DEFINE_integer("channels", 3, "Image channels.")
     flags.DEFINE_enum(
-        "path", "outer", ["outer", "eval"], "What to time: the outer iteration or the evaluation."
+        "path",
+        "outer",
+        ["outer", "eval", "expert"],
+        "What to time: the outer iteration, the evaluation or the expert training.",
     )
     flags.DEFINE_integer("eval_epochs", 100, "Epochs per network for --path=eval.")
     flags.DEFINE_integer("num_eval", 3, "Networks for --path=eval.")
+    flags.DEFINE_integer("expert_images", 5000, "Training images for --path=expert.")
+    flags.DEFINE_integer("expert_epochs", 1, "Epochs per expert for --path=expert.")
+    flags.DEFINE_integer("num_experts", 1, "Experts for --path=expert.")
     flags.DEFINE_integer("iters", 5, "Timed iterations per process (after one warm-up).")
     flags.DEFINE_integer("rounds", 3, "Alternating rounds per shape.")
     flags.DEFINE_list("mode", ["exact"], "satm-jax modes (experiments.bench --mode).")
@@ -89,6 +103,9 @@ def run_jax(n: int, mode: str, dsa: bool) -> float:
         f"--iters={FLAGS.iters}",
         f"--eval_epochs={FLAGS.eval_epochs}",
         f"--num_eval={FLAGS.num_eval}",
+        f"--expert_images={FLAGS.expert_images}",
+        f"--expert_epochs={FLAGS.expert_epochs}",
+        f"--num_experts={FLAGS.num_experts}",
         f"--dsa_strategy={'color_crop_cutout_flip_scale_rotate' if dsa else 'none'}",
     ]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -120,8 +137,9 @@ def run_torch(n: int) -> float:
     return float(m.group(1))
 
 
-def run_torch_eval() -> float:
-    """Ms of ``experiments/torch_eval.py`` (all networks) in a fresh process."""
+def run_torch_eval(expert: bool = False) -> float:
+    """Ms of ``experiments/torch_eval.py`` (all networks; ``--expert``: the expert training) in
+    a fresh process."""
     script = os.path.join(ROOT, "experiments", "torch_eval.py")
     if not os.path.exists(os.path.join(FLAGS.mtt_dir, "networks.py")):
         raise FileNotFoundError(f"MTT's networks.py is not in {FLAGS.mtt_dir} (--mtt_dir)")
@@ -133,10 +151,17 @@ def run_torch_eval() -> float:
         f"--res={FLAGS.res}",
         f"--channels={FLAGS.channels}",
         f"--depth={FLAGS.depth}",
-        f"--epochs={FLAGS.eval_epochs}",
-        f"--num_eval={FLAGS.num_eval}",
         f"--mtt_dir={FLAGS.mtt_dir}",
     ]
+    if expert:
+        args += [
+            "--expert",
+            f"--n_train={FLAGS.expert_images}",
+            f"--epochs={FLAGS.expert_epochs}",
+            f"--num_eval={FLAGS.num_experts}",
+        ]
+    else:
+        args += [f"--epochs={FLAGS.eval_epochs}", f"--num_eval={FLAGS.num_eval}"]
     r = subprocess.run(args, capture_output=True, text=True, check=False)
     m = _TORCH_EVAL_MS.search(r.stdout)
     if r.returncode or not m:
@@ -172,12 +197,15 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     dsas = {"off": [False], "on": [True], "both": [False, True]}[FLAGS.dsa]
     rounds = []
-    evaluation = FLAGS.path == "eval"
+    training = FLAGS.path in ("eval", "expert")  # a network's training, not the outer step
     try:
-        for n in [0] if evaluation else [int(s) for s in FLAGS.steps]:
+        for n in [0] if training else [int(s) for s in FLAGS.steps]:
             for k in range(FLAGS.rounds):
-                mtt = run_torch_eval() if evaluation else run_torch(n)
-                for mode in ["eval"] if evaluation else FLAGS.mode:
+                if training:
+                    mtt = run_torch_eval(expert=FLAGS.path == "expert")
+                else:
+                    mtt = run_torch(n)
+                for mode in [FLAGS.path] if training else FLAGS.mode:
                     for dsa in dsas:
                         rec = {
                             "round": k,

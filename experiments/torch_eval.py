@@ -13,6 +13,13 @@ Python that has ``torch`` and ``numpy``::
 
 It prints one line ``torch-eval ... total=<ms>ms`` (the whole evaluation of all networks, after
 a one-epoch warm-up).
+
+``--expert`` times MTT's expert training (``buffer.py``) instead: ``--num_eval`` networks
+trained one after another for ``--epochs`` epochs on ``--n_train`` images with SGD at lr 0.01,
+no momentum, no weight decay and no lr decay, minibatches of 256 from a shuffled set::
+
+    python experiments/torch_eval.py --expert --n_train=5000 --ncls=10 --res=32 --epochs=1 \
+        --num_eval=1
 """
 
 import argparse
@@ -32,6 +39,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--num_eval", type=int, default=3)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--expert", action="store_true", help="MTT's expert training instead")
+    ap.add_argument("--n_train", type=int, default=5000, help="training images for --expert")
     ap.add_argument(
         "--mtt_dir",
         default=os.path.join(
@@ -51,9 +60,11 @@ def main() -> int:
     from networks import ConvNet  # MTT's own
 
     torch.manual_seed(0)
-    n = a.ncls * a.ipc
+    n = a.n_train if a.expert else a.ncls * a.ipc
     x = torch.randn(n, a.channels, a.res, a.res)
-    y = torch.arange(a.ncls).repeat_interleave(a.ipc)
+    y = torch.arange(n) % a.ncls if a.expert else torch.arange(a.ncls).repeat_interleave(a.ipc)
+    # MTT's buffer.py (experts): plain SGD; evaluate_synset: momentum, decay, lr x0.1 at half
+    momentum, weight_decay, decay = (0.0, 0.0, False) if a.expert else (0.9, 5e-4, True)
     xt = torch.randn(256, a.channels, a.res, a.res)
     yt = torch.randint(0, a.ncls, (256,))
     ce = nn.CrossEntropyLoss()
@@ -69,10 +80,12 @@ def main() -> int:
             net_pooling="avgpooling",
             im_size=(a.res, a.res),
         )
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(
+            net.parameters(), lr=0.01, momentum=momentum, weight_decay=weight_decay
+        )
         net.train()
         for ep in range(epochs):
-            if ep == epochs // 2:
+            if decay and ep == epochs // 2:
                 for g in opt.param_groups:
                     g["lr"] *= 0.1
             perm = torch.randperm(n)
@@ -92,7 +105,7 @@ def main() -> int:
         train_one(a.epochs)
     total = time.perf_counter() - t0
     print(
-        f"torch-eval ncls={a.ncls} ipc={a.ipc} res={a.res} channels={a.channels} "
+        f"torch-eval {'expert' if a.expert else 'eval'} n={n} ncls={a.ncls} ipc={a.ipc} res={a.res} channels={a.channels} "
         f"epochs={a.epochs} num_eval={a.num_eval} threads={torch.get_num_threads()} "
         f"total={1000 * total:.1f}ms"
     )

@@ -30,14 +30,17 @@ def test_bench_prints_one_record_per_mode():
         "bench",
         *SMALL,
         "--syn_steps=3",
-        "--mode=exact,truncated,satm,eval",
+        "--mode=exact,truncated,satm,eval,expert",
         "--iters=2",
         "--eval_epochs=2",
         "--num_eval=1",
+        "--expert_images=8",
+        "--num_experts=2",
         "--profile",
     )
     recs = _json_lines(r.stdout)
-    assert [x["mode"] for x in recs] == ["exact", "truncated", "satm", "eval"]
+    assert [x["mode"] for x in recs] == ["exact", "truncated", "satm", "eval", "expert"]
+    assert recs[4]["expert_images"] == 8 and recs[4]["num_experts"] == 2
     for x in recs:
         assert x["ms_per_iter"] > 0 and x["peak_mem_gib"] > 0
         assert x["backend"] == "cpu" and x["shape"]["num_classes"] == 2
@@ -246,6 +249,40 @@ def test_side_by_side_eval_path_times_both_sides_and_prints_their_ratio(tmp_path
     args = (tmp_path / "args").read_text()
     assert "torch_eval.py" in args and "--epochs=2" in args and "--num_eval=1" in args
     assert "--channels=1" in args and "--ipc=2" in args
+
+
+@pytest.mark.slow
+def test_side_by_side_expert_path_times_both_sides_with_the_expert_settings(tmp_path):
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        '#!/bin/sh\necho "$@" > ' + str(tmp_path / "args") + "\n"
+        "echo 'torch-eval expert n=8 total=2000.0ms'\n"
+    )
+    fake.chmod(0o755)
+    (tmp_path / "networks.py").write_text("")
+    r = _module(
+        "side_by_side",
+        "--path=expert",
+        f"--mtt_dir={tmp_path}",
+        f"--torch_python={fake}",
+        "--ncls=2",
+        "--res=8",
+        "--channels=1",
+        "--depth=1",
+        "--expert_images=8",
+        "--expert_epochs=1",
+        "--num_experts=1",
+        "--eval_epochs=7",
+        "--rounds=1",
+        "--dsa=off",
+    )
+    recs = _json_lines(r.stdout)
+    rows = [x for x in recs if "summary" not in x]
+    assert len(rows) == 1 and rows[0]["mode"] == "expert" and rows[0]["steps"] == 0
+    assert rows[0]["mtt_ms"] == 2000.0 and rows[0]["jax_ms"] > 0
+    args = (tmp_path / "args").read_text().split()
+    assert "--expert" in args and "--n_train=8" in args and "--epochs=1" in args
+    assert "--num_eval=1" in args and "--epochs=7" not in args
 
 
 def test_conv_probe_formulations_compute_the_library_convolution():
