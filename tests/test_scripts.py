@@ -214,17 +214,21 @@ def test_torch_eval_without_mtt_files_says_where_it_looked(tmp_path):
     assert r.returncode == 2 and "networks.py" in r.stderr and str(tmp_path) in r.stderr
 
 
-@pytest.mark.slow
-def test_side_by_side_eval_path_times_both_sides_and_prints_their_ratio(tmp_path):
-    # A stand-in for the torch interpreter: prints torch_eval.py's result line, so that the
-    # plumbing (arguments, parsing, the ratio) is tested where torch is not installed.
+def _fake_torch_python(tmp_path, line):
+    """A stand-in for the torch interpreter (and an empty MTT ``networks.py`` beside it): it
+    writes its arguments to ``tmp_path/args`` and prints ``line``, torch_eval.py's result line,
+    so that the plumbing (arguments, parsing, the ratio) is tested where torch is not installed.
+    """
     fake = tmp_path / "fake_python"
-    fake.write_text(
-        '#!/bin/sh\necho "$@" > ' + str(tmp_path / "args") + "\n"
-        "echo 'torch-eval ncls=2 total=1234.5ms'\n"
-    )
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\necho '{line}'\n")
     fake.chmod(0o755)
     (tmp_path / "networks.py").write_text("")
+    return fake
+
+
+@pytest.mark.slow
+def test_side_by_side_eval_path_times_both_sides_and_prints_their_ratio(tmp_path):
+    fake = _fake_torch_python(tmp_path, "torch-eval ncls=2 total=1234.5ms")
     r = _module(
         "side_by_side",
         "--path=eval",
@@ -253,13 +257,7 @@ def test_side_by_side_eval_path_times_both_sides_and_prints_their_ratio(tmp_path
 
 @pytest.mark.slow
 def test_side_by_side_expert_path_times_both_sides_with_the_expert_settings(tmp_path):
-    fake = tmp_path / "fake_python"
-    fake.write_text(
-        '#!/bin/sh\necho "$@" > ' + str(tmp_path / "args") + "\n"
-        "echo 'torch-eval expert n=8 total=2000.0ms'\n"
-    )
-    fake.chmod(0o755)
-    (tmp_path / "networks.py").write_text("")
+    fake = _fake_torch_python(tmp_path, "torch-eval expert n=8 total=2000.0ms")
     r = _module(
         "side_by_side",
         "--path=expert",
