@@ -46,6 +46,8 @@ import time
 
 from absl import app, flags
 
+from satm_jax.train import MODEL_AXES
+
 CONFIGS: dict[str, dict] = {
     "c10-ipc10": dict(num_classes=10, ipc=10, res=32, depth=3, syn_steps=30, batch_syn=None),
     "c100-ipc50": dict(num_classes=100, ipc=50, res=32, depth=3, syn_steps=80, batch_syn=125),
@@ -79,11 +81,19 @@ flags.DEFINE_integer("expert_images", 5000, "Training images for --mode=expert."
 flags.DEFINE_integer("expert_epochs", 1, "Timed epochs for --mode=expert.")
 flags.DEFINE_integer("num_experts", 1, "Experts trained together (vmap) for --mode=expert.")
 flags.DEFINE_bool("data_parallel", False, "Split inner minibatches across all devices.")
+flags.DEFINE_enum(
+    "model_axis",
+    "auto",
+    list(MODEL_AXES),
+    "How --mode=eval's networks and --mode=expert's experts share one program "
+    "(satm_jax.train.over_models).",
+)
 flags.DEFINE_bool(
     "profile",
     False,
     "Also trace the timed iterations with jax.profiler and add op_ms: time per iteration by "
-    "operation kind (experiments.op_profile).",
+    "operation kind (experiments.op_profile); for eval and expert, per whole evaluation or "
+    "training epoch.",
 )
 
 
@@ -196,6 +206,7 @@ def bench_eval(shape: dict) -> dict:
     import jax.numpy as jnp
 
     from satm_jax import evaluate, models
+    from satm_jax import train as train_lib
 
     c, ipc, res, ch = shape["num_classes"], shape["ipc"], shape["res"], shape["channels"]
     net = models.ConvNet(
@@ -212,17 +223,24 @@ def bench_eval(shape: dict) -> dict:
         epochs_per_call=min(100, FLAGS.eval_epochs),
     )
     t0 = time.perf_counter()
-    evaluate.evaluate_set(net, x, y, 0.01, xt, yt, cfg, progress=False)
+    ev = lambda: evaluate.evaluate_set(  # noqa: E731
+        net, x, y, 0.01, xt, yt, cfg, progress=False, model_axis=FLAGS.model_axis
+    )
+    ev()
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluate.evaluate_set(net, x, y, 0.01, xt, yt, cfg, progress=False)
+    ev()
     second = time.perf_counter() - t0
-    return {
+    out = {
         "ms_per_iter": round(1000 * second, 1),
         "compile_s": round(max(first - second, 0.0), 2),
         "eval_epochs": FLAGS.eval_epochs,
         "num_eval": FLAGS.num_eval,
+        "model_axis": train_lib.resolve_model_axis(FLAGS.model_axis),
     }
+    if FLAGS.profile:
+        out["op_ms"] = _profile(ev)
+    return out
 
 
 def bench_expert(shape: dict) -> dict:
@@ -230,6 +248,7 @@ def bench_expert(shape: dict) -> dict:
     import jax.numpy as jnp
 
     from satm_jax import augment, experts, models
+    from satm_jax import train as train_lib
 
     c, res, ch = shape["num_classes"], shape["res"], shape["channels"]
     net = models.ConvNet(
@@ -240,7 +259,7 @@ def bench_expert(shape: dict) -> dict:
     x = jax.random.normal(key, (FLAGS.expert_images, res, res, ch))
     y = jnp.arange(FLAGS.expert_images, dtype=jnp.int32) % c
     init, epoch = experts.make_expert_trainer(
-        net, x.shape[1:], cfg, augment.make_augment(cfg.dsa_strategy)
+        net, x.shape[1:], cfg, augment.make_augment(cfg.dsa_strategy), FLAGS.model_axis
     )
     keys = jax.random.split(key, FLAGS.num_experts)
     states = init(keys)
@@ -253,13 +272,29 @@ def bench_expert(shape: dict) -> dict:
         states, m = epoch(states, jax.vmap(lambda k: jax.random.fold_in(k, e))(keys), x, y)
     jax.block_until_ready(m)
     total = time.perf_counter() - t0
-    return {
+    out = {
         "ms_per_iter": round(1000 * total, 1),
         "compile_s": round(max(first - total / FLAGS.expert_epochs, 0.0), 2),
         "expert_images": FLAGS.expert_images,
         "expert_epochs": FLAGS.expert_epochs,
         "num_experts": FLAGS.num_experts,
+        "model_axis": train_lib.resolve_model_axis(FLAGS.model_axis),
     }
+    if FLAGS.profile:
+
+        def once():
+            _, metrics = epoch(states, keys, x, y)
+            jax.block_until_ready(metrics)
+
+        out["op_ms"] = _profile(once, calls=FLAGS.expert_epochs)
+    return out
+
+
+def _profile(fn, calls: int = 1) -> dict[str, float]:
+    """``op_ms`` of ``calls`` calls of ``fn`` (which blocks): ms per call by operation kind."""
+    from experiments import op_profile
+
+    return op_profile.traced(calls, fn)
 
 
 def resolve_shape() -> dict:

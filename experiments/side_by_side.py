@@ -16,7 +16,8 @@ faster) and its range over rounds::
 row), ``on`` (satm-jax's default), or ``both``.
 
 ``--path=eval`` times the other hot path, the evaluation training, instead: satm-jax's
-``experiments.bench --mode=eval`` (``--num_eval`` networks vmapped, ``--eval_epochs`` epochs
+``experiments.bench --mode=eval`` (``--num_eval`` networks in one program, ``--model_axis``:
+one after another on the CPU by default, or vmapped; ``--eval_epochs`` epochs
 on ``--ncls x --ipc`` images) against ``experiments/torch_eval.py`` (the same number of MTT's
 ConvNets trained one after another with MTT's evaluation settings); ``--steps`` and ``--mode``
 are then unused and the rows carry ``"steps": 0, "mode": "eval"``::
@@ -25,7 +26,8 @@ are then unused and the rows carry ``"steps": 0, "mode": "eval"``::
         --dsa=off --rounds=3 --torch_python=/path/to/venv-with-torch/bin/python
 
 ``--path=expert`` times the expert training: ``experiments.bench --mode=expert``
-(``--num_experts`` experts vmapped, ``--expert_epochs`` epochs on ``--expert_images`` images)
+(``--num_experts`` experts in one program, ``--model_axis``; ``--expert_epochs`` epochs on
+``--expert_images`` images)
 against ``experiments/torch_eval.py --expert`` (as many of MTT's ConvNets trained one after
 another with ``buffer.py``'s settings); rows carry ``"steps": 0, "mode": "expert"``::
 
@@ -46,6 +48,8 @@ import subprocess
 import sys
 
 from absl import app, flags
+
+from satm_jax.train import MODEL_AXES
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +81,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("iters", 5, "Timed iterations per process (after one warm-up).")
     flags.DEFINE_integer("rounds", 3, "Alternating rounds per shape.")
     flags.DEFINE_list("mode", ["exact"], "satm-jax modes (experiments.bench --mode).")
+    flags.DEFINE_enum(
+        "model_axis",
+        "auto",
+        list(MODEL_AXES),
+        "experiments.bench --model_axis for --path=eval and --path=expert.",
+    )
     flags.DEFINE_enum("dsa", "both", ["off", "on", "both"], "satm-jax's DSA setting(s).")
     flags.DEFINE_string(
         "torch_python", sys.executable, "A Python interpreter with torch and numpy."
@@ -106,6 +116,7 @@ def run_jax(n: int, mode: str, dsa: bool) -> float:
         f"--expert_images={FLAGS.expert_images}",
         f"--expert_epochs={FLAGS.expert_epochs}",
         f"--num_experts={FLAGS.num_experts}",
+        f"--model_axis={FLAGS.model_axis}",
         f"--dsa_strategy={'color_crop_cutout_flip_scale_rotate' if dsa else 'none'}",
     ]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)

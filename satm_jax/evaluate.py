@@ -4,7 +4,8 @@ The protocol is MTT's ``evaluate_synset``: a freshly initialised network is trai
 ``(X, Y)`` with SGD (momentum 0.9, weight decay 5e-4), learning rate = the learned step size
 ``alpha``, 1000 epochs with the rate multiplied by 0.1 once at epoch 500, batch 256, DSA on every
 batch; the test accuracy after the last epoch is recorded. Several networks (default 5) train
-at once with ``jax.vmap``; the result is their mean and standard deviation. Presets may scale
+in one program (``satm_jax.train.over_models``: one after another on the CPU, side by side
+with ``jax.vmap`` elsewhere); the result is their mean and standard deviation. Presets may scale
 the number of epochs down (``EvalConfig.epochs``).
 
 Example:
@@ -106,6 +107,7 @@ def evaluate_set(
     progress: bool = True,
     desc: str = "eval",
     extra_tests: Mapping[Any, tuple[Any, Any]] | None = None,
+    model_axis: str = "auto",
 ) -> EvalResult:
     """Trains ``cfg.num_models`` fresh networks on ``(images, labels)``; returns test accuracies.
 
@@ -125,6 +127,9 @@ def evaluate_set(
       extra_tests: more test sets ``{key: (images, labels)}`` (e.g. corrupted copies of the
         test split, ``satm_jax.ood``), preprocessed like ``test_images``; the same trained
         networks are tested on each, the accuracies are in ``EvalResult.extra``.
+      model_axis: how the networks share one program (``satm_jax.train.MODEL_AXES``):
+        ``"auto"`` (one after another on the CPU, ``vmap`` elsewhere), ``"vmap"``, ``"map"``;
+        the accuracies are the same either way.
     """
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(cfg.num_models))
@@ -155,7 +160,9 @@ def evaluate_set(
 
             return jax.lax.scan(body, state, None, length=length)
 
-        return jax.jit(jax.vmap(run, in_axes=(0, 0, data_axis, data_axis, None)))
+        return jax.jit(
+            train_lib.over_models(run, (0, 0, data_axis, data_axis, None), how=model_axis)
+        )
 
     states = init(keys)
     compiled: dict[int, Any] = {}
@@ -174,7 +181,9 @@ def evaluate_set(
     # hold every chunk's activations (x the networks, x 9 for patch convolutions) at once,
     # tens of GiB for 10,000 images at width 128.
     predict = jax.jit(
-        jax.vmap(train_lib.make_predict(model, batch_size=PREDICT_CHUNK), in_axes=(0, 0, None))
+        train_lib.over_models(
+            train_lib.make_predict(model, batch_size=PREDICT_CHUNK), (0, 0, None), how=model_axis
+        )
     )
 
     def test(x, y) -> np.ndarray:

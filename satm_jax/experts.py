@@ -5,8 +5,9 @@ momentum 0, weight decay 0, batch 256, DSA on every batch). Its parameters are r
 training and after every epoch, ``theta*_{e,0..E}``; trajectory matching reads pairs
 ``(theta*_{e,t}, theta*_{e,t+M})``.
 
-Several experts train at once with ``jax.vmap`` (``ExpertConfig.parallel``); each finished one
-goes to an ``satm_jax.expert_store.ExpertStore`` (orbax checkpoints and a manifest).
+Several experts train in one program (``ExpertConfig.parallel``; ``satm_jax.train.over_models``:
+one after another on a CPU, side by side with ``jax.vmap`` elsewhere); each finished one goes
+to an ``satm_jax.expert_store.ExpertStore`` (orbax checkpoints and a manifest).
 
 Example:
   >>> from satm_jax import experts
@@ -50,7 +51,7 @@ class ExpertConfig:
       weight_decay: L2 (MTT: 0).
       dsa_strategy: DSA families applied to every batch (``"none"`` disables).
       seed: base seed; expert ``i`` uses ``fold_in(PRNGKey(seed), i)``.
-      parallel: experts trained at once with ``vmap``.
+      parallel: experts trained together in one program (one group).
       sharpness: ``"none"`` (MTT) or ``"gsam"``/``"sam"``/``"asam"``: flat experts as in FTD
         (Du et al., CVPR 2023, which trains its experts with GSAM).
       rho: radius of the experts' sharpness-aware step (FTD: 0.01).
@@ -107,10 +108,12 @@ def make_expert_trainer(
     image_shape: tuple[int, ...],
     cfg: ExpertConfig,
     augment_fn: Callable[[Array, Array], Array],
+    model_axis: str = "auto",
 ) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Returns ``(init, epoch)``, both over a leading axis of experts (``vmap``) and jitted.
+    """Returns ``(init, epoch)``, both over a leading axis of experts and jitted.
 
     ``init(keys) -> train states``; ``epoch(states, keys, images, labels) -> states, metrics``.
+    ``model_axis``: how the experts share the program (``satm_jax.train.over_models``).
     """
     sgd = train_lib.SGDConfig(
         batch_size=cfg.batch_size, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -135,7 +138,7 @@ def make_expert_trainer(
         return epoch_fn(state, key, images, labels, jnp.asarray(cfg.lr, jnp.float32))
 
     init = jax.jit(jax.vmap(init_one))
-    epoch = jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, None, None)))
+    epoch = jax.jit(train_lib.over_models(epoch_one, (0, 0, None, None), how=model_axis))
     return init, epoch
 
 
@@ -152,8 +155,13 @@ def train_experts(
     progress: bool = True,
     mesh: Any | None = None,
     log: Callable[[str], None] | None = None,
+    model_axis: str = "auto",
 ) -> list[tuple[int, list[Params], float | None]]:
-    """Trains experts ``indices`` together (one ``vmap`` group) for ``cfg.epochs`` epochs.
+    """Trains experts ``indices`` together (one group, one program) for ``cfg.epochs`` epochs.
+
+    ``model_axis`` (``satm_jax.train.MODEL_AXES``): ``"auto"`` trains the group one expert
+    after another on a single CPU device and side by side (``vmap``) elsewhere or when sharded;
+    the trajectories are the same either way.
 
     With a ``mesh`` (``satm_jax.parallel.make_mesh``) whose size divides the group, the expert
     axis is split across its devices (each device trains its share; the data are replicated).
@@ -163,9 +171,11 @@ def train_experts(
     Returns ``[(index, [theta_0, ..., theta_E], test_acc), ...]``; each ``theta`` is a host
     (NumPy) parameter tree.
     """
-    init, epoch = make_expert_trainer(model, train_images.shape[1:], cfg, augment_fn)
+    sharded = mesh is not None and len(indices) % parallel.num_devices(mesh) == 0
+    axis = train_lib.resolve_model_axis(model_axis, sharded=sharded)
+    init, epoch = make_expert_trainer(model, train_images.shape[1:], cfg, augment_fn, axis)
     keys = jnp.stack([expert_key(cfg.seed, i) for i in indices])
-    if mesh is not None and len(indices) % parallel.num_devices(mesh) == 0:
+    if sharded:
         keys = parallel.shard_leading(keys, mesh)
         train_images = parallel.replicate(train_images, mesh)
         train_labels = parallel.replicate(train_labels, mesh)
@@ -194,7 +204,7 @@ def train_experts(
     accs: list[float | None] = [None] * len(indices)
     if test_images is not None:
         predict = train_lib.make_predict(model)
-        logits = jax.jit(jax.vmap(predict, in_axes=(0, 0, None)))(
+        logits = jax.jit(train_lib.over_models(predict, (0, 0, None), how=axis))(
             states.params, states.batch_stats, test_images
         )
         accs = [float(a) for a in jax.vmap(train_lib.accuracy, (0, None))(logits, test_labels)]

@@ -7,7 +7,8 @@ applies DSA to every batch, and takes PyTorch-style SGD steps:
     g = grad + weight_decay * p;  buf = momentum * buf + g;  p = p - lr * buf
 
 (``torch.optim.SGD`` with dampening 0). Everything is a pure function of its inputs, so epochs
-``vmap`` over experts or evaluation seeds and ``jit`` as one program.
+run over a leading axis of experts or evaluation seeds (``over_models``) and ``jit`` as one
+program.
 """
 
 from __future__ import annotations
@@ -23,6 +24,63 @@ from optax import tree_utils as otu
 
 Array = jax.Array
 AugmentFn = Callable[[Array, Array], Array]
+
+# How several networks (experts, evaluation seeds) are trained in one program.
+MODEL_AXES = ("auto", "vmap", "map")
+
+
+def resolve_model_axis(how: str, *, sharded: bool = False) -> str:
+    """Maps ``"auto"`` to ``"map"`` on a single CPU device and ``"vmap"`` otherwise.
+
+    Our choice, by measurement (docs/PERFORMANCE.md, 2026-12-04): on XLA's CPU backend the
+    vmapped networks' batched matrix products run about 1.35x slower per network than one
+    network's, so there ``jax.lax.map`` (one network after another inside the same program,
+    the same numbers) is faster; on GPU/TPU, and whenever the network axis is sharded across
+    devices (``sharded``), ``vmap`` keeps the networks side by side.
+    """
+    if how not in MODEL_AXES:
+        raise ValueError(f"model axis must be one of {MODEL_AXES}, got {how!r}")
+    if how == "auto":
+        return "map" if jax.default_backend() == "cpu" and not sharded else "vmap"
+    return how
+
+
+def over_models(
+    fn: Callable[..., Any], in_axes: tuple[int | None, ...], how: str = "auto"
+) -> Callable[..., Any]:
+    """``fn`` over the leading axis of the arguments whose ``in_axes`` entry is 0.
+
+    ``how="vmap"`` is ``jax.vmap(fn, in_axes)``; ``"map"`` runs ``fn`` on one slice after
+    another with ``jax.lax.map`` (same results, one network's memory at a time); ``"auto"``:
+    ``resolve_model_axis``. Outputs are stacked along a new leading axis either way.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from satm_jax import train
+      >>> f = train.over_models(lambda a, b: a * b, (0, None), how="map")
+      >>> f(jnp.arange(3.0), 2.0).tolist()
+      [0.0, 2.0, 4.0]
+    """
+    if any(a not in (0, None) for a in in_axes):
+        raise ValueError(f"in_axes entries must be 0 or None, got {in_axes}")
+    how = resolve_model_axis(how)
+    if how == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+    mapped = [i for i, a in enumerate(in_axes) if a == 0]
+
+    def run(*args):
+        if len(args) != len(in_axes):
+            raise TypeError(f"expected {len(in_axes)} arguments, got {len(args)}")
+
+        def one(xs):
+            full = list(args)
+            for i, x in zip(mapped, xs):
+                full[i] = x
+            return fn(*full)
+
+        return jax.lax.map(one, tuple(args[i] for i in mapped))
+
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
