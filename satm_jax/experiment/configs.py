@@ -298,7 +298,8 @@ def _cpu_preset(dataset: str, ipc: int) -> Preset:
     seed 0; over 3 seeds at 1000 iterations (no better than 500) MTT 69.64 +- 0.34, SATM
     70.15 +- 0.80; random real images 49.75 +- 6.43. IPC 10 (2026-12-04, one seed, quiet cores):
     experts 4 x 10 epochs 36 min, MTT 300 iterations with its evaluation 61 min, MTT 81.12 +-
-    0.39.
+    0.39 (networks vmapped then; one after another since, the evaluation is about 1.3x faster:
+    docs/PERFORMANCE.md).
     """
     p = _paper_preset(dataset, ipc)
     d = p.distill
