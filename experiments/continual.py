@@ -28,18 +28,10 @@ evaluation networks of width 32 for 250 epochs, herding features after 2 epochs)
     python -m experiments.continual --dataset=fashion_mnist --preset=cpu --budget=continual \
       --stages=5 --ipc=10 --class_orders=0,1,2 --workdir=/tmp/continual_fmnist
 
-Its first class order was run on 2026-12-02 (docs/APPLICATIONS.md: 88 min for one order on
-cores shared with other jobs); the three orders were not. Its cost on 2 otherwise idle CPU
-cores is an *estimate*, 2 to 2.2 hours, from pieces timed on one Fashion-MNIST stage (12,000
-images) while the two cores were shared with other jobs (load average 4-8; the times below are the measured ones scaled down
-by the load, and agree with docs/RESULTS.md's 41 s per expert-epoch on all 60,000 images):
-
-* experts: 15 stages x 2 experts x 5 epochs x ~10 s = ~1,500 s;
-* herding feature networks: 15 x (2 epochs x ~8 s + ~5 s of features) = ~300 s;
-* condensation: 30 runs (mtt, satm) x 80 iterations x ~1.2 s = ~2,900 s, compiled once per
-  method (the stages have equal shapes and the compilation cache keeps the programs);
-* evaluation: 60 trainings (4 methods x 15 stages) x (250 epochs x 0.14-0.18 s for 20-100
-  images + ~8 s to test up to 10,000 images) = 2,600-3,200 s.
+Measured (2026-12-04, docs/APPLICATIONS.md, code 9a1f0c3): the three orders in one invocation
+took 1 h 58 min wall on the 2-core development CPU, of which 35 min paused by hand, so about
+84 min of running (within the 2.5-hour target; networks still vmapped then, one after another
+on the CPU since, which makes the evaluations faster).
 
 Any flag of ``experiments.run`` (``--iterations``, ``--eval_epochs``, ``--rho``...) overrides
 the preset (and the budget) for every method.
