@@ -152,6 +152,19 @@ def tiny_problem(
     return net, models.make_apply_fn(net), params, target, images, labels
 
 
+def tiny_eval_problem(n_test):
+    """A 3-class ConvNet (width 4, depth 1), 6 training images of 8x8x1 (two per class) and
+    ``n_test`` test images: what the evaluation tests train and test on."""
+    from satm_jax import models
+
+    net = models.ConvNet(num_classes=3, width=4, depth=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
+    y = jnp.arange(6, dtype=jnp.int32) % 3
+    tx = jax.random.normal(jax.random.PRNGKey(1), (n_test, 8, 8, 1))
+    ty = jnp.arange(n_test, dtype=jnp.int32) % 3
+    return net, x, y, tx, ty
+
+
 def synthetic_bank(params, num_experts=2, epochs=4, seed=0):
     """Synthetic expert trajectories: random walks from ``params``."""
     from satm_jax import expert_store

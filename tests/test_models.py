@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from satm_jax import model_registry, models
-from tests.helpers import slow_cases, tree_allclose
+from tests.helpers import slow_cases, tiny_eval_problem, tree_allclose
 
 
 def _net_and_params(conv_impl, norm="instancenorm", channels=3, depth=2, width=8):
@@ -120,17 +120,9 @@ def test_unknown_model_and_norm_are_refused():
 
 @pytest.mark.slow
 def test_evaluation_tests_in_chunks_with_the_same_accuracy(monkeypatch):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from satm_jax import evaluate
 
-    from satm_jax import evaluate, models
-
-    net = models.ConvNet(num_classes=3, width=4, depth=1)
-    x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
-    y = jnp.arange(6, dtype=jnp.int32) % 3
-    tx = jax.random.normal(jax.random.PRNGKey(1), (23, 8, 8, 1))
-    ty = jnp.arange(23, dtype=jnp.int32) % 3
+    net, x, y, tx, ty = tiny_eval_problem(23)
     cfg = evaluate.EvalConfig(epochs=3, num_models=2, dsa_strategy="none")
     whole = evaluate.evaluate_set(net, x, y, 0.05, tx, ty, cfg, progress=False)
     seen = []
