@@ -30,8 +30,9 @@ evaluation networks of width 32 for 250 epochs, herding features after 2 epochs)
 
 Measured (2026-12-04, docs/APPLICATIONS.md, code 9a1f0c3): the three orders in one invocation
 took 1 h 58 min wall on the 2-core development CPU, of which 35 min paused by hand, so about
-84 min of running (within the 2.5-hour target; networks still vmapped then, one after another
-on the CPU since, which makes the evaluations faster).
+84 min of running (within the 2.5-hour target; its networks were still vmapped: the CPU now
+trains them one after another, which docs/PERFORMANCE.md measured 1.3x faster on the
+evaluation; the continual run itself was not re-timed).
 
 Any flag of ``experiments.run`` (``--iterations``, ``--eval_epochs``, ``--rho``...) overrides
 the preset (and the budget) for every method.

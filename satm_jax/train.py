@@ -32,9 +32,9 @@ MODEL_AXES = ("auto", "vmap", "map")
 def resolve_model_axis(how: str, *, sharded: bool = False) -> str:
     """Maps ``"auto"`` to ``"map"`` on a single CPU device and ``"vmap"`` otherwise.
 
-    Our choice, by measurement (docs/PERFORMANCE.md, 2026-12-04): on XLA's CPU backend the
-    vmapped networks' batched matrix products run about 1.35x slower per network than one
-    network's, so there ``jax.lax.map`` (one network after another inside the same program,
+    Our choice, by measurement (docs/PERFORMANCE.md, 2026-12-04): on XLA's CPU backend
+    training vmapped networks cost 1.28-1.33x more per network than one after another
+    (``experiments.bench --mode=eval``), so there ``jax.lax.map`` (one network after another inside the same program,
     the same numbers) is faster; on GPU/TPU, and whenever the network axis is sharded across
     devices (``sharded``), ``vmap`` keeps the networks side by side.
     """
