@@ -16,7 +16,10 @@ run can fall short:
 
 * ``not converged``: the loss is still falling over the last tenth;
 * ``images barely moved``: the set moved less than ``min_image_move`` of its own norm, or the
-  smoothed loss fell by less than ``min_loss_drop`` of its initial value.
+  smoothed loss fell by less than ``min_loss_drop`` of its initial value;
+* ``step size still moving``: the learned step size (which the evaluation trains with) changed
+  by more than ``max_lr_drift`` (in log space) over the last tenth of the run, although the loss
+  may have levelled off.
 
 The thresholds are **our choice**.
 
@@ -40,6 +43,7 @@ MIN_DROP = 0.01  # of the window's mean loss
 T_THRESHOLD = 2.0
 MIN_IMAGE_MOVE = 0.02  # of the initial set's norm
 MIN_LOSS_DROP = 0.02  # of the initial smoothed loss
+MAX_LR_DRIFT = 0.05  # |log(alpha_end / alpha_at_the_start_of_the_last_tenth)|
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -89,6 +93,7 @@ def report(
     t_threshold: float = T_THRESHOLD,
     min_image_move: float = MIN_IMAGE_MOVE,
     min_loss_drop: float = MIN_LOSS_DROP,
+    max_lr_drift: float = MAX_LR_DRIFT,
 ) -> dict[str, Any]:
     """The convergence report of one run (a JSON-ready dict).
 
@@ -101,13 +106,15 @@ def report(
       image_move: ``||X_final - X_0|| / ||X_0||``.
       min_drop, t_threshold: what counts as "still falling" over the last tenth.
       min_image_move, min_loss_drop: below either, the images "barely moved".
+      max_lr_drift: above this ``|log|`` change of the step size over the last tenth, the step
+        size is "still moving".
 
     Returns:
       ``iterations``, ``loss_start``/``loss_end`` (mean of the first/last tenth),
       ``loss_drop`` (relative), ``last_tenth_drop`` (the smoothed loss's drop over the last
       tenth, relative to its level), ``last_tenth_t`` (its t statistic), ``still_falling``, ``image_move``,
-      ``image_update_median``, ``syn_lr`` (start, end, and the relative change over the last
-      tenth), ``converged`` and ``warnings`` (strings).
+      ``image_update_median``, ``syn_lr`` (start, end, the relative change over the last
+      tenth and ``still_moving``), ``converged`` and ``warnings`` (strings).
     """
     y = np.asarray(losses, np.float64)
     finite = np.isfinite(y)
@@ -134,15 +141,19 @@ def report(
         last_tenth_t=float(t),
         still_falling=still_falling,
     )
+    lr_moving = False
     if syn_lrs is not None and len(syn_lrs):
         lr = np.asarray(syn_lrs, np.float64)
         lt = lr[-tenth:]
+        log_change = float(np.log(lt[-1] / lt[0])) if lt[0] > 0 and lt[-1] > 0 else float("inf")
+        lr_moving = bool(n >= 20 and abs(log_change) > max_lr_drift)
         out["syn_lr"] = {
             "first": float(lr[0]),
             "last": float(lr[-1]),
             "min": float(lr.min()),
             "max": float(lr.max()),
             "last_tenth_change": float((lt[-1] - lt[0]) / max(abs(lt[0]), 1e-30)),
+            "still_moving": lr_moving,
         }
     if image_updates is not None and len(image_updates):
         out["image_update_median"] = float(np.median(np.asarray(image_updates, np.float64)))
@@ -162,5 +173,13 @@ def report(
             f"{move}; raise the image learning rate (--lr_img, or --img_optimizer=adam "
             "--lr_img_rel) or the step size's (--lr_lr, --lr_log_lr)"
         )
-    out["converged"] = not (still_falling or barely)
+    if lr_moving:
+        change = out["syn_lr"]["last_tenth_change"]
+        out["warnings"].append(
+            f"step size still moving: the learned step size changed by {100 * change:+.1f}% over "
+            f"the last tenth of the run (to {out['syn_lr']['last']:.4g}), and the evaluation "
+            "trains with it; raise --iterations, or the step size's learning rate "
+            "(--lr_log_lr, --lr_lr)"
+        )
+    out["converged"] = not (still_falling or barely or lr_moving)
     return out

@@ -56,6 +56,26 @@ def test_step_size_trajectory_and_image_updates_are_summarised():
     assert r["syn_lr"]["last_tenth_change"] > 0 and r["image_update_median"] == 0.003
 
 
+def test_a_step_size_still_rising_is_not_converged_although_the_loss_levelled():
+    levelled = 0.5 + 0.5 * np.exp(-ITS / 40.0)
+    # +12.5% over the last tenth: 49 steps of 1.2 / 500 in log space
+    rising = 0.02 * np.exp(1.2 * ITS / ITS.size)
+    r = convergence.report(levelled, syn_lrs=rising, image_move=0.5)
+    assert not r["still_falling"] and r["syn_lr"]["still_moving"] and not r["converged"]
+    (w,) = r["warnings"]
+    assert w.startswith("step size still moving") and "+12.5%" in w and "--lr_log_lr" in w
+    # A step size that settled (0.1% over the last tenth) raises nothing.
+    settled = 0.05 - 0.03 * np.exp(-ITS / 40.0)
+    r = convergence.report(levelled, syn_lrs=settled, image_move=0.5)
+    assert not r["syn_lr"]["still_moving"] and r["converged"] and r["warnings"] == []
+    # Falling counts as moving too, and the threshold is on |log| change.
+    r = convergence.report(levelled, syn_lrs=rising[::-1], image_move=0.5)
+    assert r["syn_lr"]["still_moving"] and "-11.1%" in r["warnings"][0]
+    assert convergence.report(levelled, syn_lrs=rising, image_move=0.5, max_lr_drift=0.2)[
+        "converged"
+    ]
+
+
 def test_smooth_is_a_trailing_mean():
     np.testing.assert_allclose(convergence.smooth([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
 
