@@ -46,6 +46,7 @@ import time
 
 from absl import app, flags
 
+from satm_jax.models import CONV_IMPLS, resolve_conv_impl
 from satm_jax.train import MODEL_AXES
 
 CONFIGS: dict[str, dict] = {
@@ -73,7 +74,7 @@ flags.DEFINE_integer("truncate", None, "K for --mode=truncated (default ceil(N/3
 flags.DEFINE_integer("iters", 5, "Timed iterations after compilation.")
 flags.DEFINE_integer("steps_per_call", 1, "Outer iterations per jit call.")
 flags.DEFINE_bool("remat", True, "jax.checkpoint every differentiated inner step.")
-flags.DEFINE_enum("conv_impl", "auto", ["auto", "patches", "lax"], "Convolution implementation.")
+flags.DEFINE_enum("conv_impl", "auto", list(CONV_IMPLS), "Convolution implementation.")
 flags.DEFINE_string("dsa_strategy", "color_crop_cutout_flip_scale_rotate", "DSA families.")
 flags.DEFINE_integer("eval_epochs", 1000, "Epochs for --mode=eval.")
 flags.DEFINE_integer("num_eval", 5, "Networks for --mode=eval.")
@@ -337,6 +338,7 @@ def main(argv):
             "num_devices": len(jax.devices()),
             "shape": shape,
             "remat": FLAGS.remat,
+            "conv_impl": resolve_conv_impl(FLAGS.conv_impl),
             "steps_per_call": FLAGS.steps_per_call,
             "date": time.strftime("%Y-%m-%d"),
         }

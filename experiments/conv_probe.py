@@ -4,7 +4,9 @@ Times ``jax.grad`` of ``satm_jax.matching.matching_loss`` (CIFAR-10 shape: 10 im
 32x32x3, ConvNet-3 width 128, instance norm, N inner steps, no DSA) for each formulation, all
 compiled in one process and timed interleaved (median of 4 calls after compilation):
 
-* ``patches``: the library's CPU convolution (``satm_jax.models.conv2d``);
+* ``patches``: the patches-then-matmul convolution (``satm_jax.models.conv2d``);
+* ``winograd``: the library's CPU convolution since 2026-12-05 (``satm_jax.winograd``,
+  F(2x2, 3x3) for the layers with at least 8 input channels, patches for the first);
 * ``shifted``: nine matmuls of the shifted views, summed (no patches materialised);
 * ``rows``: the three horizontal shifts concatenated, three matmuls summed;
 * ``lax``: ``jax.lax.conv_general_dilated``.
@@ -12,6 +14,7 @@ compiled in one process and timed interleaved (median of 4 calls after compilati
 XLA options are compared by running it once per ``XLA_FLAGS`` value (docs/PERFORMANCE.md)::
 
     python -m experiments.conv_probe --steps=10 --impls=patches,shifted,rows
+    python -m experiments.conv_probe --steps=10 --impls=patches,winograd --calls=6
     XLA_FLAGS=--xla_cpu_use_xnnpack=false python -m experiments.conv_probe --impls=patches
 """
 

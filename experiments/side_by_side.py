@@ -13,7 +13,9 @@ faster) and its range over rounds::
         --torch_python=/path/to/venv-with-torch/bin/python
 
 ``--dsa`` chooses satm-jax's augmentation: ``off`` (MTT's script has none: the like-for-like
-row), ``on`` (satm-jax's default), or ``both``.
+row), ``on`` (satm-jax's default), or ``both``. ``--conv_impl`` (comma-separated, default
+``auto``) times satm-jax with each convolution in the same rounds, e.g.
+``--conv_impl=patches,winograd``.
 
 ``--path=eval`` times the other hot path, the evaluation training, instead: satm-jax's
 ``experiments.bench --mode=eval`` (``--num_eval`` networks in one program, ``--model_axis``:
@@ -49,6 +51,7 @@ import sys
 
 from absl import app, flags
 
+from satm_jax.models import CONV_IMPLS
 from satm_jax.train import MODEL_AXES
 
 FLAGS = flags.FLAGS
@@ -88,6 +91,9 @@ def define_flags() -> None:
         "experiments.bench --model_axis for --path=eval and --path=expert.",
     )
     flags.DEFINE_enum("dsa", "both", ["off", "on", "both"], "satm-jax's DSA setting(s).")
+    flags.DEFINE_list(
+        "conv_impl", ["auto"], f"satm-jax's convolution(s), of {', '.join(CONV_IMPLS)}."
+    )
     flags.DEFINE_string(
         "torch_python", sys.executable, "A Python interpreter with torch and numpy."
     )
@@ -96,7 +102,7 @@ def define_flags() -> None:
     )
 
 
-def run_jax(n: int, mode: str, dsa: bool) -> float:
+def run_jax(n: int, mode: str, dsa: bool, conv_impl: str = "auto") -> float:
     """Median ms per outer iteration (or the whole evaluation, ``mode="eval"``) of
     ``experiments.bench`` in a fresh process."""
     args = [
@@ -117,6 +123,7 @@ def run_jax(n: int, mode: str, dsa: bool) -> float:
         f"--expert_epochs={FLAGS.expert_epochs}",
         f"--num_experts={FLAGS.num_experts}",
         f"--model_axis={FLAGS.model_axis}",
+        f"--conv_impl={conv_impl}",
         f"--dsa_strategy={'color_crop_cutout_flip_scale_rotate' if dsa else 'none'}",
     ]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -181,17 +188,21 @@ def run_torch_eval(expert: bool = False) -> float:
 
 
 def summarise(rounds: list[dict]) -> list[dict]:
-    """Per (N, mode, dsa): medians of both sides and the ratio's median and range."""
+    """Per (N, mode, dsa, conv_impl): medians of both sides and the ratio's median and range."""
     out = []
-    keys = sorted({(r["steps"], r["mode"], r["dsa"]) for r in rounds})
-    for n, mode, dsa in keys:
-        rs = [r for r in rounds if (r["steps"], r["mode"], r["dsa"]) == (n, mode, dsa)]
+
+    def key(r):
+        return r["steps"], r["mode"], r["dsa"], r.get("conv_impl", "auto")
+
+    for n, mode, dsa, conv in sorted({key(r) for r in rounds}):
+        rs = [r for r in rounds if key(r) == (n, mode, dsa, conv)]
         ratios = [r["mtt_ms"] / r["jax_ms"] for r in rs]
         out.append(
             {
                 "steps": n,
                 "mode": mode,
                 "dsa": dsa,
+                "conv_impl": conv,
                 "rounds": len(rs),
                 "jax_ms": statistics.median(r["jax_ms"] for r in rs),
                 "mtt_ms": statistics.median(r["mtt_ms"] for r in rs),
@@ -207,6 +218,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     dsas = {"off": [False], "on": [True], "both": [False, True]}[FLAGS.dsa]
+    unknown = [c for c in FLAGS.conv_impl if c not in CONV_IMPLS]
+    if unknown:
+        raise app.UsageError(f"--conv_impl: unknown {unknown}; choose from {list(CONV_IMPLS)}")
     rounds = []
     training = FLAGS.path in ("eval", "expert")  # a network's training, not the outer step
     try:
@@ -218,16 +232,18 @@ def main(argv):
                     mtt = run_torch(n)
                 for mode in [FLAGS.path] if training else FLAGS.mode:
                     for dsa in dsas:
-                        rec = {
-                            "round": k,
-                            "steps": n,
-                            "mode": mode,
-                            "dsa": "on" if dsa else "off",
-                            "jax_ms": run_jax(n, mode, dsa),
-                            "mtt_ms": mtt,
-                        }
-                        print(json.dumps(rec), flush=True)
-                        rounds.append(rec)
+                        for conv in FLAGS.conv_impl:
+                            rec = {
+                                "round": k,
+                                "steps": n,
+                                "mode": mode,
+                                "dsa": "on" if dsa else "off",
+                                "conv_impl": conv,
+                                "jax_ms": run_jax(n, mode, dsa, conv),
+                                "mtt_ms": mtt,
+                            }
+                            print(json.dumps(rec), flush=True)
+                            rounds.append(rec)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

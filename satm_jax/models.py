@@ -6,14 +6,18 @@ layer. Parameters use PyTorch's default initialisation, ``U(-1/sqrt(fan_in), 1/s
 for weights and biases, so an expert trained here starts from the same distribution as one
 trained by the reference code.
 
-The 3x3 convolution has two implementations that compute the same function:
+The convolution has three implementations that compute the same function:
 
 * ``"lax"``: ``jax.lax.conv_general_dilated`` (cuDNN on GPU, the fast choice there);
 * ``"patches"``: pad, stack the nine shifted views, one matmul. XLA's CPU backend is about ten
   times slow on the *second* derivative of ``conv_general_dilated`` (trajectory matching needs
-  it), while the matmul form runs at PyTorch's speed.
+  it), and slow on the first too;
+* ``"winograd"``: 3x3 stride-1 layers with at least ``WINOGRAD_MIN_CHANNELS`` input channels
+  by Winograd's F(2x2, 3x3) (``satm_jax.winograd``: 2.25x fewer matmul products), every other
+  layer by patches.
 
-``conv_impl="auto"`` picks ``"patches"`` on the CPU and ``"lax"`` elsewhere, at trace time.
+``conv_impl="auto"`` picks ``"winograd"`` on the CPU and ``"lax"`` elsewhere, at trace time
+(docs/PERFORMANCE.md has the measurements behind the choice).
 
 The layers here are also those of the evaluation pool (``satm_jax.model_pool``); networks are
 built by name through ``satm_jax.model_registry``.
@@ -37,10 +41,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from satm_jax import winograd
+
 Array = jax.Array
 
 NORMS = ("instancenorm", "batchnorm", "none")
-CONV_IMPLS = ("auto", "patches", "lax")
+CONV_IMPLS = ("auto", "patches", "winograd", "lax")
+# Layers with fewer input channels (the first layer: 1 or 3) keep the patches form under
+# "winograd": their matmuls are too thin for the 16 transformed products to pay off.
+WINOGRAD_MIN_CHANNELS = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,11 +68,11 @@ def torch_uniform_init(fan_in: int) -> Callable[..., Array]:
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
-    """Maps ``"auto"`` to ``"patches"`` on the CPU and ``"lax"`` on GPU/TPU."""
+    """Maps ``"auto"`` to ``"winograd"`` on the CPU and ``"lax"`` on GPU/TPU."""
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     if conv_impl == "auto":
-        return "patches" if jax.default_backend() == "cpu" else "lax"
+        return "winograd" if jax.default_backend() == "cpu" else "lax"
     return conv_impl
 
 
@@ -75,12 +84,16 @@ def per_channel(v: Array, like: Array) -> Array:
 
 
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, padding: int, impl: str) -> Array:
-    """2-D convolution (NHWC input, HWIO kernel), by ``lax`` or by patches-then-matmul.
+    """2-D convolution (NHWC input, HWIO kernel), by ``lax``, patches-then-matmul or Winograd.
 
-    Both implementations compute the same cross-correlation (PyTorch's ``Conv2d``): zero
+    Every implementation computes the same cross-correlation (PyTorch's ``Conv2d``): zero
     padding of ``padding`` pixels on every side, then a ``stride``-strided window sum.
     """
     kh, kw, cin, cout = kernel.shape
+    if impl == "winograd":
+        if (kh, kw) == (3, 3) and stride == 1 and cin >= WINOGRAD_MIN_CHANNELS:
+            return winograd.conv3x3(x, kernel, padding=padding)
+        impl = "patches"
     if impl == "lax":
         return jax.lax.conv_general_dilated(
             x,

@@ -13,11 +13,12 @@ def _net_and_params(conv_impl, norm="instancenorm", channels=3, depth=2, width=8
     return net, variables
 
 
+@pytest.mark.parametrize("impl", ["patches", "winograd"])
 @pytest.mark.parametrize(
     "norm", slow_cases(["instancenorm", "batchnorm", "none"], ["instancenorm", "batchnorm"])
 )
-def test_patches_and_lax_convolutions_agree_on_outputs_and_gradients(norm):
-    net_p, variables = _net_and_params("patches", norm)
+def test_patches_winograd_and_lax_convolutions_agree_on_outputs_and_gradients(impl, norm):
+    net_p, variables = _net_and_params(impl, norm)
     net_l, _ = _net_and_params("lax", norm)
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 16, 16, 3))
     y = jnp.arange(6) % 5
@@ -46,9 +47,9 @@ def test_patches_and_lax_convolutions_agree_on_outputs_and_gradients(norm):
     )
 
 
-def test_auto_convolution_is_patches_on_cpu():
+def test_auto_convolution_is_winograd_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert models.resolve_conv_impl("auto") == "patches"
+    assert models.resolve_conv_impl("auto") == "winograd"
     with pytest.raises(ValueError, match="conv_impl"):
         models.resolve_conv_impl("cudnn")
 

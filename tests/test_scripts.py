@@ -17,6 +17,35 @@ def _module(name, *args, timeout=600, check=True):
     return run_module(name, *args, timeout=timeout, check=check)
 
 
+@pytest.mark.slow
+def test_side_by_side_times_each_convolution_in_the_same_rounds(tmp_path):
+    fake = tmp_path / "fake_python"
+    fake.write_text("#!/bin/sh\necho 'mtt steps=2 median_iter=500.0ms'\n")
+    fake.chmod(0o755)
+    (tmp_path / "torch_mtt.py").write_text("")
+    r = _module(
+        "side_by_side",
+        f"--mtt_dir={tmp_path}",
+        f"--torch_python={fake}",
+        "--ncls=2",
+        "--res=8",
+        "--depth=1",
+        "--steps=2",
+        "--iters=1",
+        "--rounds=1",
+        "--dsa=off",
+        "--conv_impl=patches,winograd",
+    )
+    recs = _json_lines(r.stdout)
+    rows = [x for x in recs if "summary" not in x]
+    sums = [x["summary"] for x in recs if "summary" in x]
+    assert [x["conv_impl"] for x in rows] == ["patches", "winograd"]
+    assert all(x["mtt_ms"] == 500.0 and x["jax_ms"] > 0 for x in rows)
+    assert sorted(s["conv_impl"] for s in sums) == ["patches", "winograd"]
+    bad = _module("side_by_side", f"--mtt_dir={tmp_path}", "--conv_impl=cudnn", check=False)
+    assert bad.returncode != 0 and "--conv_impl" in bad.stderr
+
+
 def _json_lines(text):
     return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
 
@@ -44,6 +73,7 @@ def test_bench_prints_one_record_per_mode():
     for x in recs:
         assert x["ms_per_iter"] > 0 and x["peak_mem_gib"] > 0
         assert x["backend"] == "cpu" and x["shape"]["num_classes"] == 2
+        assert x["conv_impl"] == "winograd"  # what --conv_impl=auto means on the CPU
     for x in recs[:3]:  # --profile: XLA's operations, by kind, with positive times
         assert x["op_ms"] and all(v >= 0 for v in x["op_ms"].values())
         assert not any(k.startswith(("Thunk", "$")) for k in x["op_ms"])
