@@ -116,9 +116,12 @@ def test_ablation_table_reuses_the_plain_runs_of_its_workdir(tmp_path):
     common = [f"--workdir={wd}", "--ipc=1", *TINY]
     _module("run", *common, "--method=mtt", "--baselines=false")
     run_results = read_text(os.path.join(wd, "results.json"))
-    r = _module("ablate", *common, "--variants=mtt,satm_asam")
+    r = _module("ablate", *common, "--variants=mtt,satm_asam", "--baselines=false")
     # The ablation keeps its own results files: the run's are left as they were.
     assert read_text(os.path.join(wd, "results.json")) == run_results
+    # --baselines=false is honoured: no random or full-data baseline is evaluated.
+    assert not os.path.exists(os.path.join(wd, "baselines"))
+    assert "random real images, ipc" not in r.stdout
     assert os.path.exists(os.path.join(wd, "ablation_results.json"))
     assert "finished earlier" in r.stdout  # the "mtt" variant is the plain run, not redone
     table = read_text(os.path.join(wd, "ablation.md"))
