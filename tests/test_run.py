@@ -214,7 +214,7 @@ def test_cpu_preset_uses_the_calibrated_outer_loop_and_the_published_evaluation_
         cfg = configs.make_run_config("fashion_mnist", ipc, "satm", preset="cpu")
         d = cfg.distill
         assert (d.lr_init, d.lr_space, d.img_optimizer) == ("closed_form", "log", "adam")
-        assert cfg.eval.width == 128 and cfg.eval.epochs == 1000 and cfg.model.width == 32
+        assert cfg.eval.width == 128 and cfg.eval.epochs == 1000
         assert cfg.model.norm == "instancenorm" and cfg.reduced
         net = pipeline.eval_model(cfg, "convnet", 10)
         assert net.width == 128 and net.depth == cfg.model.depth  # depth from the resolution
@@ -222,6 +222,21 @@ def test_cpu_preset_uses_the_calibrated_outer_loop_and_the_published_evaluation_
     p = configs.make_run_config("cifar10", 1, "mtt", preset="paper").distill
     assert (p.lr_init, p.lr_space, p.img_optimizer) == ("teacher", "linear", "sgd")
     assert (p.lr_img, p.lr_lr) == (100.0, 1e-7)
+
+
+def test_cpu_preset_distils_ipc_1_wider_with_fewer_experts():
+    """IPC 1: width-64 students and 2 experts; above: width 32 and 4 (RESULTS, 2026-12-05)."""
+    one = configs.make_run_config("fashion_mnist", 1, "mtt", preset="cpu")
+    ten = configs.make_run_config("fashion_mnist", 10, "mtt", preset="cpu")
+    assert (one.model.width, one.experts.num_experts) == (64, 2)
+    assert (ten.model.width, ten.experts.num_experts) == (32, 4)
+    # the evaluation network is the published one at every IPC, whatever the student's width
+    assert one.eval.width == ten.eval.width == 128
+    # an explicit flag still wins over the preset
+    w = configs.make_run_config(
+        "fashion_mnist", 1, "mtt", preset="cpu", overrides={"width": 32, "num_experts": 4}
+    )
+    assert (w.model.width, w.experts.num_experts) == (32, 4)
 
 
 @pytest.mark.parametrize(
