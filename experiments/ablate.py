@@ -26,8 +26,8 @@ Example (725 s on the 2-core development CPU, 2026-11-28)::
 writes ``ablation.md`` and ``ablation.json`` in the workdir (and, while it runs,
 ``ablation_results.{json,md}``; a run's own ``results.json`` in the same workdir is left
 alone). Runs of ``experiments.run`` already finished in the workdir are reused. Any flag of
-``experiments.run`` (``--iterations``, ``--rho``...) applies to every variant. The random-real-image and
-full-data baselines are evaluated too unless ``--baselines=false``.
+``experiments.run`` (``--iterations``, ``--rho``...) applies to every variant; the random-real-image
+and full-data baselines are evaluated too unless ``--baselines=false``.
 """
 
 from __future__ import annotations

@@ -280,8 +280,8 @@ CALIBRATED_OUTER_LOOP = dict(
 
 # The widest student and experts the 2-core budget allows (our choice, measured in
 # docs/RESULTS.md, 2026-12-05): ipc -> (ConvNet width, number of experts). At IPC 1 width 64
-# with 2 experts is about 3 points above width 32 (3 seeds each) and fits the 30-minute
-# budget; above IPC 1 width 32 with 4 experts already exceeds the 90-minute budget.
+# with 2 experts is 3.95 +- 0.97 points above width 32 (MTT, 3 seeds each) and fits the
+# 30-minute budget; above IPC 1 width 32 with 4 experts already exceeds the 90-minute budget.
 CPU_WIDTH_EXPERTS: dict[int, tuple[int, int]] = {1: (64, 2)}
 CPU_WIDTH_EXPERTS_OTHERWISE = (32, 4)
 
@@ -297,18 +297,19 @@ def _cpu_preset(dataset: str, ipc: int) -> Preset:
     evaluation network (ConvNet width 128, instance norm) for 1000 epochs, lr x0.1 at 500, 3
     networks instead of 5 (our reduction, for time); the full-data baseline for 1 epoch.
 
-    Command, cost and accuracy on 2 CPU cores (docs/RESULTS.md; 2-core AMD EPYC, JAX 0.10.2,
-    2026-12-02, cores shared, so the times are upper bounds)::
+    Command, cost and accuracy on 2 CPU cores (docs/RESULTS.md; 2-core AMD EPYC, JAX 0.10.2;
+    dates below)::
 
         python -m experiments.run --dataset=fashion_mnist --ipc=1 --preset=cpu
 
-    IPC 1 (width 64, 2 experts; 2026-12-05, 3 seeds, code 3a1088d): 2 experts x 4 epochs about
-    9-12 min; one 500-iteration run with its evaluation 8.5-9.5 min (MTT), 7.5 min (SATM).
-    Accuracy (3 width-128 networks): MTT 72.96 +- 1.70, SATM 71.64 +- 1.46 over seeds; width
-    32 gave MTT 69.01 +- 1.04 in the same study; random real images 49.75 +- 6.43. IPC 10 (2026-12-04, one seed, quiet cores):
-    experts 4 x 10 epochs 36 min, MTT 300 iterations with its evaluation 61 min, MTT 81.12 +-
-    0.39 (networks vmapped then; one after another since, the evaluation is about 1.3x faster:
-    docs/PERFORMANCE.md).
+    IPC 1 (width 64, 2 experts; 2026-12-05, 3 seeds, code 3a1088d): one 500-iteration run with
+    its evaluation 8.5-9.5 min (MTT), 7.5 min (SATM). Accuracy (3 width-128 networks): MTT
+    72.96 +- 1.70, SATM 71.64 +- 1.46 over seeds; width 32 gave MTT 69.01 +- 1.04 in the same
+    study; random real images 49.91 +- 6.66. The whole command without baselines (code
+    d32689b, quiet cores): 25 min 35 s, of which the 2 experts about 10 min. IPC 10
+    (2026-12-04, one seed, quiet cores): experts 4 x 10 epochs 36 min, MTT 300 iterations with
+    its evaluation 61 min, MTT 81.12 +- 0.39 (networks vmapped then; one after another since,
+    the evaluation is about 1.3x faster: docs/PERFORMANCE.md).
     """
     p = _paper_preset(dataset, ipc)
     d = p.distill
