@@ -48,6 +48,7 @@ LR_UPDATES = ("backprop", "first_order", "first_order_window", "fixed")
 IMG_OPTIMIZERS = ("sgd", "adam")
 LR_SPACES = ("linear", "log")
 LR_INITS = ("teacher", "closed_form")
+SYN_INITS = ("real", "herding")
 
 
 class DistillError(Exception):
@@ -107,6 +108,11 @@ class DistillConfig:
       gsam_alpha: GSAM's coefficient.
       reuse_trajectory: TR: the sharpness pass restarts from the first pass's
         ``theta_{N-K}`` (``True``) or from ``theta_0`` (``False``).
+      init: where the images start: ``"real"`` (MTT: random real images of each class, drawn
+        with ``seed``) or ``"herding"`` (ours: the herding selection of each class in the
+        penultimate features of the first expert at its last loaded epoch,
+        ``satm_jax.initial_set.herding_start``; the same start for every ``seed``). Hard
+        labels only (DATM's soft-label start chooses its own images).
       soft_labels: learn the labels (DATM); targets are ``softmax(label_logits)``.
       lr_label: learning rate of the label logits (SGD, momentum 0.5).
       ema_decay: EMA of the synthetic images (FTD), evaluated instead of the raw images;
@@ -151,6 +157,7 @@ class DistillConfig:
     asam_eta: float = 0.01
     gsam_alpha: float = 0.1
     reuse_trajectory: bool = True
+    init: str = "real"
     soft_labels: bool = False
     lr_label: float = 1.0
     ema_decay: float | None = None
@@ -188,6 +195,7 @@ class DistillConfig:
             ("img_optimizer", IMG_OPTIMIZERS),
             ("lr_space", LR_SPACES),
             ("lr_init", LR_INITS),
+            ("init", SYN_INITS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -205,6 +213,11 @@ class DistillConfig:
             sharpness_lib.check_ball(self.rho_ball, self.rho_scale, self.sharpness)
         except ValueError as e:
             raise ValueError(f"rho_ball/rho_scale: {e}") from None
+        if self.init != "real" and self.soft_labels:
+            raise ValueError(
+                f"init={self.init!r} needs hard labels: the soft-label start (DATM) chooses "
+                "its own images"
+            )
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None, got {self.batch_syn}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

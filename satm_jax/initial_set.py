@@ -1,11 +1,15 @@
-"""Where a synthetic set starts: real images of each class, and DATM's soft-label start.
+"""Where a synthetic set starts: real images of each class, herding's picks, DATM's start.
 
 MTT (Cazenavette et al., 2022) starts the synthetic set from random real images of each class
-with hard labels. DATM (Guo et al., 2024, "Towards Lossless Dataset Distillation via
-Difficulty-Aligned Trajectory Matching") starts soft labels from the experts: the images are
-drawn among real images an expert classifies correctly, and the label logits are the experts'
-mean logits on them. Both draw the images class by class from one ``numpy`` generator, so a
-seed gives the same start on every backend.
+with hard labels. ``herding_start`` (our option, ``--syn_init=herding``) starts from the
+images herding selects in each class instead (``satm_jax.herding``: the greedy class-mean
+match of iCaRL and of DM's continual-learning baseline): a coreset start, like the coreset
+initialisations DC-BENCH (Cui et al., 2022) compared for condensation. DATM (Guo et al., 2024,
+"Towards Lossless Dataset Distillation via Difficulty-Aligned Trajectory Matching") starts
+soft labels from the experts: the images are drawn among real images an expert classifies
+correctly, and the label logits are the experts' mean logits on them. Both random starts draw
+the images class by class from one ``numpy`` generator, so a seed gives the same start on
+every backend.
 
 Example:
   >>> import numpy as np
@@ -28,6 +32,7 @@ import numpy as np
 
 from satm_jax import datasets as data_lib
 from satm_jax import expert_store
+from satm_jax import herding as herding_lib
 
 # Candidates the expert classifies per jit call while looking for correctly classified images.
 CHUNK = 256
@@ -55,6 +60,39 @@ def real_images(
 ) -> InitialSet:
     """``ipc`` random real images of every class (``datasets.sample_per_class``), hard labels."""
     idx = data_lib.sample_per_class(rng, train_labels, num_classes, ipc)
+    labels = data_lib.class_sorted_labels(num_classes, ipc)
+    return InitialSet(train_x[jnp.asarray(idx)], labels, None, 0)
+
+
+def herding_start(
+    train_x: Any, train_labels: np.ndarray, num_classes: int, ipc: int, features: Any
+) -> InitialSet:
+    """The ``ipc`` images of every class that herding picks first in ``features``, hard labels.
+
+    Args:
+      train_x: ``(n, ...)`` candidate images.
+      train_labels: ``(n,)`` their class ids.
+      num_classes: classes ``0 .. num_classes - 1``, in output order.
+      ipc: images per class.
+      features: ``(n, d)`` features of ``train_x`` (e.g. ``herding.extract_features`` of a
+        trained expert).
+
+    Returns:
+      The class-sorted start; within a class the images are in herding order. It depends on
+      the features only (no random draw).
+
+    Raises:
+      ValueError: ``features`` does not have one row per image, or a class has fewer than
+        ``ipc`` images.
+    """
+    train_labels = np.asarray(train_labels)
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != train_labels.shape[0]:
+        raise ValueError(
+            f"features {features.shape} must be (n, d) with one row per image "
+            f"(n = {train_labels.shape[0]})"
+        )
+    idx = herding_lib.herding_per_class(features, train_labels, range(num_classes), ipc)
     labels = data_lib.class_sorted_labels(num_classes, ipc)
     return InitialSet(train_x[jnp.asarray(idx)], labels, None, 0)
 

@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from satm_jax import baselines, expert_store, initial_set
 
@@ -57,3 +58,21 @@ def test_random_draws_differ_per_network_and_follow_their_seeds():
 
     rng = np.random.default_rng(baselines.RANDOM_SEED_BASE + 100 + 2)
     np.testing.assert_array_equal(draws[2], datasets.sample_per_class(rng, LABELS, 3, 2))
+
+
+def test_herding_start_takes_each_classs_herding_picks_in_order():
+    # Class 0 = rows 0, 3, 6, 9 (features 0, 4, 2, 10; mean 4): picks 3 (4), then 6 (2).
+    # Class 1 = rows 1, 4, 7, 10 (5, 1, 0, 6; mean 3): rows 1 and 4 tie, the lower index first.
+    # Class 2 = rows 2, 5, 8, 11 (0, 0, 9, 3; mean 3): picks 11 (3), then 2 (0, lower index).
+    features = np.array([0, 5, 0, 4, 1, 0, 2, 0, 9, 10, 6, 3], np.float64)[:, None]
+    start = initial_set.herding_start(X, LABELS, 3, 2, features)
+    assert np.asarray(start.images[:, 0]).astype(int).tolist() == [3, 6, 1, 4, 11, 2]
+    assert start.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert start.logits is None and start.misclassified == 0
+
+
+def test_herding_start_refuses_features_that_are_not_one_row_per_image():
+    with pytest.raises(ValueError, match="one row per image"):
+        initial_set.herding_start(X, LABELS, 3, 1, np.zeros((11, 2)))
+    with pytest.raises(ValueError, match="one row per image"):
+        initial_set.herding_start(X, LABELS, 3, 1, np.zeros(12))

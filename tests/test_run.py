@@ -357,3 +357,51 @@ def test_eval_model_names_have_one_check_used_by_the_pipeline(tmp_path):
     source = inspect.getsource(pipeline)
     assert "check_eval_models(cfg.eval_models)" in inspect.getsource(pipeline.validate_configs)
     assert source.count("model_registry.MODELS") == 0
+
+
+def test_herding_init_starts_from_herdings_picks_in_the_first_experts_last_features(digits):
+    import jax
+
+    from satm_jax import herding, model_registry, models
+    from tests.helpers import synthetic_bank, tiny_overrides
+
+    cfg = configs.make_run_config("digits", 2, "mtt", overrides=tiny_overrides(syn_init="herding"))
+    data = pipeline.prepare_data(digits, cfg.preprocessing)
+    model = model_registry.build_model(cfg.model, data.num_classes)
+    params = models.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
+    bank = synthetic_bank(params, num_experts=2, epochs=3)
+    logs = []
+    images, labels, logits = pipeline.initial_set(cfg, data, None, bank, logs.append, model=model)
+    assert bank.num_epochs == 4  # the start, then 3 epochs
+    expert0_last = jax.tree.map(lambda x: x[0, 3], bank.params)
+    feats = herding.extract_features(model, {"params": expert0_last}, data.train_x)
+    want = herding.herding_per_class(feats, digits.train_labels, range(10), 2)
+    np.testing.assert_array_equal(np.asarray(images), np.asarray(data.train_x)[want])
+    assert labels.tolist() == np.repeat(np.arange(10), 2).tolist() and logits is None
+    assert "herding" in logs[0]
+    # The start does not depend on the distillation seed (random real images do).
+    other = configs.make_run_config(
+        "digits", 2, "mtt", overrides=tiny_overrides(syn_init="herding", seed=1)
+    )
+    again, _, _ = pipeline.initial_set(other, data, None, bank, logs.append, model=model)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(images))
+
+
+def test_herding_init_refuses_soft_labels_and_networks_with_running_statistics(digits):
+    import jax
+
+    from satm_jax import model_registry, models
+    from tests.helpers import synthetic_bank, tiny_overrides
+
+    with pytest.raises(ValueError, match="needs hard labels"):
+        configs.make_run_config(
+            "digits", 1, "mtt", overrides=tiny_overrides(syn_init="herding", soft_labels=True)
+        )
+    cfg = configs.make_run_config(
+        "digits", 1, "mtt", overrides=tiny_overrides(syn_init="herding", norm="batchnorm")
+    )
+    data = pipeline.prepare_data(digits, cfg.preprocessing)
+    model = model_registry.build_model(cfg.model, data.num_classes)
+    params = models.init_params(model, jax.random.PRNGKey(0), data.image_shape)["params"]
+    with pytest.raises(configs.ConfigError, match="running statistics"):
+        pipeline.initial_set(cfg, data, None, synthetic_bank(params), model=model)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,7 @@ from satm_jax import distill as distill_lib
 from satm_jax import evaluate as evaluate_lib
 from satm_jax import experts as experts_lib
 from satm_jax import flatness as flatness_lib
+from satm_jax import herding as herding_lib
 from satm_jax import initial_set as initial_set_lib
 from satm_jax import models as models_lib
 from satm_jax import ood as ood_lib
@@ -353,13 +355,35 @@ def initial_set(
     apply_fn: Callable[..., jax.Array] | None = None,
     bank: expert_store.ExpertBank | None = None,
     log: Log = _print,
+    model: nn.Module | None = None,
 ) -> tuple[jax.Array, np.ndarray, jax.Array | None]:
     """The synthetic set's start for ``cfg``: ``(images, class ids, label logits or None)``
-    (``satm_jax.initial_set``: random real images, or DATM's soft-label start from the
-    experts when ``cfg.distill.soft_labels``), drawn with the distillation seed."""
+    (``satm_jax.initial_set``: random real images drawn with the distillation seed, herding's
+    picks in the features of the bank's first expert at its last loaded epoch when
+    ``cfg.distill.init == "herding"``, or DATM's soft-label start from the experts when
+    ``cfg.distill.soft_labels``)."""
     rng = np.random.default_rng(cfg.distill.seed)
     args = (rng, data.train_x, data.dataset.train_labels, data.num_classes, cfg.ipc)
-    if not cfg.distill.soft_labels:
+    if cfg.distill.init == "herding":
+        if model is None or bank is None:
+            raise ValueError("the herding start needs the model and the experts (model, bank)")
+        variables = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)
+        if set(variables) != {"params"}:
+            raise ConfigError(
+                f"--syn_init=herding needs a network without running statistics; "
+                f"{cfg.model.name!r} has {sorted(set(variables) - {'params'})}"
+            )
+        last = bank.num_epochs - 1
+        expert = jax.tree.map(lambda x: x[0, last], bank.params)
+        features = herding_lib.extract_features(model, {"params": expert}, data.train_x)
+        start = initial_set_lib.herding_start(
+            data.train_x, data.dataset.train_labels, data.num_classes, cfg.ipc, features
+        )
+        log(
+            f"{cfg.name}: start = herding's picks per class in the features of expert 0 at its "
+            f"epoch index {last} ({features.shape[1]} features per image)"
+        )
+    elif not cfg.distill.soft_labels:
         start = initial_set_lib.real_images(*args)
     elif apply_fn is None or bank is None:
         raise ValueError("soft labels need the experts (apply_fn and bank)")
@@ -475,7 +499,7 @@ def distill_and_evaluate(
     bank = load_expert_bank(store, cfg, like)
     augment_fn = augment_lib.make_augment(cfg.distill.dsa_strategy)
     apply_fn = models_lib.make_apply_fn(model)
-    images0, labels0, logits0 = initial_set(cfg, data, apply_fn, bank, log)
+    images0, labels0, logits0 = initial_set(cfg, data, apply_fn, bank, log, model=model)
     state = distill_lib.init_state(cfg.distill, images0, labels0, label_logits=logits0)
     mesh = parallel.make_mesh() if cfg.distill.data_parallel else None
     outer_step = distill_lib.make_outer_step(apply_fn, augment_fn, cfg.distill, mesh=mesh)
