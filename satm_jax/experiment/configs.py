@@ -44,6 +44,12 @@ class ConfigError(ValueError):
     """A configuration request that cannot be satisfied (unknown names, conflicts)."""
 
 
+# Fields added after run folders existed, with the value every earlier run implied: a config
+# holding that value omits the field, so finished and checkpointed runs of earlier versions are
+# still reused and resumed (the dataclass default restores it when a config is read back).
+ADDED_FIELDS: dict[tuple[str, str], Any] = {("distill", "init"): "real"}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything one (dataset, IPC, method) condensation run needs.
@@ -87,7 +93,14 @@ class RunConfig:
     variant: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as JSON-like dicts, without the ``ADDED_FIELDS`` at their implied value
+        (so the run folders of earlier versions still match; ``run_config_from_dict`` fills
+        them back in from the defaults)."""
+        d = dataclasses.asdict(self)
+        for (section, name), implied in ADDED_FIELDS.items():
+            if d[section].get(name, implied) == implied:
+                d[section].pop(name, None)
+        return d
 
     @property
     def name(self) -> str:
