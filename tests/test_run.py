@@ -251,6 +251,36 @@ def test_cpu_preset_distils_ipc_1_wider_with_fewer_experts():
     assert (w.model.width, w.experts.num_experts) == (32, 4)
 
 
+def test_cpu_preset_starts_ipc_1_from_herding_where_herding_applies():
+    """IPC 1: herding's picks (RESULTS, "A herding start"); above, and in the paper preset, MTT's
+    random real images; soft labels or a batch-norm network fall back to real images unless
+    --syn_init is given, which is then kept (and refused by the checks)."""
+    one = configs.make_run_config("fashion_mnist", 1, "satm", preset="cpu")
+    assert one.distill.init == "herding"
+    assert configs.make_run_config("fashion_mnist", 10, "mtt", preset="cpu").distill.init == "real"
+    assert configs.make_run_config("fashion_mnist", 1, "mtt", preset="paper").distill.init == "real"
+    assert configs.make_run_config("digits", 1, "mtt").distill.init == "real"
+    for overrides in ({"soft_labels": True}, {"norm": "batchnorm"}):
+        cfg = configs.make_run_config("fashion_mnist", 1, "mtt", preset="cpu", overrides=overrides)
+        assert cfg.distill.init == "real", overrides
+    kept = configs.make_run_config(
+        "fashion_mnist",
+        1,
+        "mtt",
+        preset="cpu",
+        overrides={"norm": "batchnorm", "syn_init": "herding"},
+    )
+    assert kept.distill.init == "herding"  # the pipeline refuses it with a clear error
+    with pytest.raises((ValueError, configs.ConfigError), match="hard labels"):
+        configs.make_run_config(
+            "fashion_mnist",
+            1,
+            "mtt",
+            preset="cpu",
+            overrides={"soft_labels": True, "syn_init": "herding"},
+        )
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
