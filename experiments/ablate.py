@@ -3,21 +3,21 @@ r"""Ablation: MTT and the SATM variants on one dataset and budget, as Markdown a
 Every variant shares the experts and the evaluation protocol of the preset; only the outer loop
 changes. Variants (``--variants``, default all):
 
-==================  ==============================================================
-mtt                 MTT: exact hypergradient, no sharpness, back-propagated step size
-mtt_tuh             MTT with the truncated hypergradient only (K = ceil(N/3))
-satm                SATM: SAM, K = ceil(N/3), trajectory reusing, first-order step size
-satm_exact          SATM with the exact hypergradient (K = N)
-satm_k_half         SATM with K = ceil(N/2)
-satm_no_tr          SATM without trajectory reusing (second pass from theta_0)
-satm_backprop_lr    SATM with MTT's back-propagated step-size gradient
-satm_window_lr      SATM with the first-order step size over the differentiated window (ours)
-satm_asam           ASAM in SAM's place
-satm_gsam           GSAM in SAM's place
-satm_smooth         Gaussian-smoothed SAM
-satm_soft           SATM with learnable soft labels (DATM initialisation)
-satm_ema            SATM with an EMA of the images (decay 0.99) for evaluation
-==================  ==============================================================
+====================  ==============================================================
+mtt                   MTT: exact hypergradient, no sharpness, back-propagated step size
+mtt_tuh               MTT with the truncated hypergradient only (K = ceil(N/3))
+satm                  SATM: SAM, K = ceil(N/3), trajectory reusing, back-propagated step size
+satm_exact            SATM with the exact hypergradient (K = N)
+satm_k_half           SATM with K = ceil(N/2)
+satm_no_tr            SATM without trajectory reusing (second pass from theta_0)
+satm_first_order_lr   SATM with the paper's closed-form first-order step-size update
+satm_window_lr        SATM with the first-order step size over the differentiated window (ours)
+satm_asam             ASAM in SAM's place
+satm_gsam             GSAM in SAM's place
+satm_smooth           Gaussian-smoothed SAM
+satm_soft             SATM with learnable soft labels (DATM initialisation)
+satm_ema              SATM with an EMA of the images (decay 0.99) for evaluation
+====================  ==============================================================
 
 Example (725 s on the 2-core development CPU, 2026-11-28)::
 
@@ -51,11 +51,14 @@ FLAGS = flags.FLAGS
 VARIANTS: dict[str, tuple[str, str]] = {
     "mtt": ("mtt", "MTT: exact hypergradient, no sharpness, back-propagated step size"),
     "mtt_tuh": ("mtt", "MTT with the truncated hypergradient only (K = ceil(N/3))"),
-    "satm": ("satm", "SATM: SAM, K = ceil(N/3), trajectory reusing, first-order step size"),
+    "satm": ("satm", "SATM: SAM, K = ceil(N/3), trajectory reusing, back-propagated step size"),
     "satm_exact": ("satm", "SATM with the exact hypergradient (K = N)"),
     "satm_k_half": ("satm", "SATM with K = ceil(N/2)"),
     "satm_no_tr": ("satm", "SATM without trajectory reusing (second pass from theta_0)"),
-    "satm_backprop_lr": ("satm", "SATM with the back-propagated step-size gradient"),
+    "satm_first_order_lr": (
+        "satm",
+        "SATM with the paper's closed-form first-order step-size update (all N steps)",
+    ),
     "satm_window_lr": (
         "satm",
         "SATM with the first-order step size over the last K (differentiated) steps only",
@@ -83,8 +86,8 @@ def variant_config(base: configs_lib.RunConfig, variant: str, seed: int) -> conf
         changes = dict(truncate=max(1, math.ceil(n / 2)))
     elif variant == "satm_no_tr":
         changes = dict(reuse_trajectory=False)
-    elif variant == "satm_backprop_lr":
-        changes = dict(lr_update="backprop")
+    elif variant == "satm_first_order_lr":
+        changes = dict(lr_update="first_order")
     elif variant == "satm_window_lr":
         changes = dict(lr_update="first_order_window")
     elif variant == "satm_asam":

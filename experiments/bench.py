@@ -20,9 +20,9 @@ cpu-n50        10 x 1, 32 px, depth 3, N = 50, full batch (MTT's CPU anchor)
 =============  =========================================================
 
 Modes: ``exact`` (MTT's hypergradient through all N steps), ``truncated`` (last K steps,
-``--truncate``, default ceil(N/3)), ``satm`` (SAM + trajectory reusing + truncation to
-K = ceil(N/3) + first-order step size), ``eval`` (``--num_eval`` ConvNets trained
-``--eval_epochs`` epochs on the synthetic set; ``ms_per_iter`` is then the whole evaluation),
+``--truncate``, default ceil(N/3)), ``satm`` (the ``satm`` method's outer loop: SAM +
+trajectory reusing + truncation to K = ceil(N/3) + ``configs.SATM_LR_UPDATE``), ``eval``
+(``--num_eval`` ConvNets trained ``--eval_epochs`` epochs on the synthetic set; ``ms_per_iter`` is then the whole evaluation),
 ``expert`` (``--num_experts`` experts trained together, as ``satm_jax.experts`` does, for
 ``--expert_epochs`` epochs on ``--expert_images`` images at MTT's expert settings: SGD lr 0.01,
 no momentum or weight decay, minibatches of 256; ``ms_per_iter`` is then the whole training,
@@ -111,6 +111,7 @@ def _peak_mem_gib() -> float:
 def distill_config(shape: dict, mode: str, truncate: int | None, remat: bool, spc: int, dsa: str):
     from satm_jax import matching
     from satm_jax.distill import DistillConfig
+    from satm_jax.experiment import configs
 
     n = shape["syn_steps"]
     k = truncate or matching.default_truncation(n)
@@ -130,16 +131,7 @@ def distill_config(shape: dict, mode: str, truncate: int | None, remat: bool, sp
     if mode == "truncated":
         return DistillConfig(**common, hypergrad="truncated", truncate=k, lr_update="backprop")
     if mode == "satm":
-        k = matching.default_truncation(n)
-        return DistillConfig(
-            **common,
-            hypergrad="truncated",
-            truncate=k,
-            sharpness="sam",
-            rho=0.05,
-            reuse_trajectory=True,
-            lr_update="first_order",
-        )
+        return DistillConfig(**common, **configs.method_settings("satm", n, rho=0.05))
     raise ValueError(f"unknown mode {mode!r}")
 
 

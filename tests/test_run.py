@@ -171,7 +171,7 @@ def test_configs_from_flags_and_presets(absl_flags):
         "sam",
         "truncated",
         False,
-        "first_order",
+        "backprop",
     )
     assert satm.truncate == int(np.ceil(12 / 3))
     # Without flags the preset stands: trajectory reusing on, its own step count.

@@ -210,7 +210,29 @@ def test_window_lr_variant_changes_only_the_step_size_update():
     v = ablate.variant_config(base, "satm_window_lr", 2)
     assert v.variant == "satm_window_lr_s2"
     assert v.distill == dataclasses.replace(base.distill, lr_update="first_order_window", seed=2)
-    assert base.distill.lr_update == "first_order"
+    assert base.distill.lr_update == "backprop"
+
+
+@pytest.mark.parametrize(
+    "dataset,ipc,preset",
+    [("digits", 1, "default"), ("fashion_mnist", 1, "cpu"), ("cifar10", 10, "paper")],
+)
+def test_satm_back_propagates_its_step_size_in_every_preset_and_keeps_the_closed_form_as_option(
+    dataset, ipc, preset
+):
+    import dataclasses
+
+    from experiments import ablate
+    from satm_jax.experiment import configs
+
+    satm = configs.make_run_config(dataset, ipc, "satm", preset)
+    assert configs.SATM_LR_UPDATE == "backprop"
+    assert satm.distill.lr_update == "backprop"
+    # The paper's closed form: a flag, and an ablation variant that changes nothing else.
+    literal = configs.make_run_config(dataset, ipc, "satm", preset, {"lr_update": "first_order"})
+    assert literal.distill == dataclasses.replace(satm.distill, lr_update="first_order")
+    v = ablate.variant_config(satm, "satm_first_order_lr", 0)
+    assert v.distill == literal.distill and v.variant == "satm_first_order_lr"
 
 
 def test_side_by_side_summary_is_the_median_ratio_over_rounds():
