@@ -156,13 +156,15 @@ def _digits_preset(ipc: int) -> Preset:
     ConvNet width 64, depth 2; 10 experts x 12 epochs; N = 20, M = 2, T+ = 6; 400 (IPC 1) or
     200 (IPC 10) iterations with MTT's SGD settings; 5 evaluation networks x 300 epochs.
 
-    Command, wall time and accuracy (README, 2-core AMD EPYC, JAX 0.10.2, 2026-11-28; the whole
-    pipeline, experts and both IPCs included, 4 min 46 s)::
+    Command, wall time and accuracy (README, 2-core AMD EPYC, JAX 0.10.2, 2026-12-06, code
+    f1aeb5d; the whole pipeline, experts and both IPCs included, 10 min 11 s on cores shared
+    with another run, 4 min 46 s on quiet cores at the 2026-11-28 code)::
 
         python -m experiments.run
 
-    IPC 1: MTT 92.42 +- 0.76, SATM 92.53 +- 0.69; IPC 10: MTT 96.04 +- 0.32, SATM 96.21 +- 0.42
-    (5 networks); random real images 61.89 / 94.99.
+    IPC 1: MTT 92.09 +- 0.65, SATM 92.26 +- 0.78; IPC 10: MTT 96.16 +- 0.41, SATM 95.99 +- 0.42
+    (5 networks); random real images 61.89 / 94.99. Over 3 seeds: MTT 92.18 / 95.88, SATM
+    92.31 / 95.52 (docs/ABLATIONS.md, "SATM's step-size update").
     """
     n = 20
     return Preset(
@@ -328,7 +330,8 @@ def _cpu_preset(dataset: str, ipc: int) -> Preset:
 
     IPC 1 (width 64, 2 experts, herding start; 2026-12-05, 3 seeds, code 9a65312): one
     500-iteration run with its evaluation 8-9 min (MTT), 7-7.5 min (SATM). Accuracy (3
-    width-128 networks): MTT 74.18 +- 0.24, SATM 72.97 +- 0.77 over seeds; with random real
+    width-128 networks): MTT 74.18 +- 0.24, SATM 73.88 +- 0.69 over seeds (72.97 +- 0.77 with
+    the paper's first-order step size, SATM's default before 2026-12-06); with random real
     starts (code 3a1088d) MTT 72.96 +- 1.70, SATM 71.64 +- 1.46, and width 32 MTT 69.01 +-
     1.04; random real images 49.91 +- 6.66. The whole command without baselines (code
     d32689b, quiet cores): 25 min 35 s, of which the 2 experts about 10 min. IPC 10
