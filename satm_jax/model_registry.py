@@ -21,9 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from satm_jax.model_pool import VGG, AlexNet, ResNet
-from satm_jax.models import NORMS, ConvNet, default_depth, resolve_conv_impl
+from satm_jax.models import NORMS, ConvNet, default_depth, init_params, resolve_conv_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,19 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         raise ValueError(f"unknown norm {cfg.norm!r}; choose one of {NORMS}")
     resolve_conv_impl(cfg.conv_impl)
     return MODELS[cfg.name](cfg, num_classes)
+
+
+def has_running_stats(cfg: ModelConfig, image_shape: tuple[int, ...] = (32, 32, 3)) -> bool:
+    """Whether the network of ``cfg`` keeps state besides its parameters (batch norm's running
+    statistics): the one test of it, from an abstract initialisation (``jax.eval_shape``, no
+    compute), so every registered network answers for itself, whatever its ``norm`` field says.
+
+    Raises:
+      ValueError: unknown name or norm.
+    """
+    model = build_model(cfg, num_classes=10)
+    variables = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), image_shape))
+    return set(variables) != {"params"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -251,6 +251,21 @@ def test_cpu_preset_distils_ipc_1_wider_with_fewer_experts():
     assert (w.model.width, w.experts.num_experts) == (32, 4)
 
 
+def test_has_running_stats_answers_for_every_registered_network_by_hand():
+    from satm_jax import model_registry
+    from satm_jax.model_registry import ModelConfig
+
+    always_bn = {"resnet18_bn", "resnet18_ap", "vgg11_bn"}  # batch norm whatever `norm` says
+    follows_norm = {"convnet", "resnet18", "vgg11"}
+    never = {"alexnet"}
+    assert set(model_registry.MODELS) == always_bn | follows_norm | never
+    for name in model_registry.MODELS:
+        for norm in ("instancenorm", "batchnorm", "none"):
+            expected = name in always_bn or (name in follows_norm and norm == "batchnorm")
+            cfg = ModelConfig(name=name, norm=norm, width=8)
+            assert model_registry.has_running_stats(cfg, (28, 28, 1)) == expected, (name, norm)
+
+
 def test_cpu_preset_starts_ipc_1_from_herding_where_herding_applies():
     """IPC 1: herding's picks (RESULTS, "A herding start"); above, and in the paper preset, MTT's
     random real images; soft labels or a batch-norm network fall back to real images unless
@@ -260,9 +275,17 @@ def test_cpu_preset_starts_ipc_1_from_herding_where_herding_applies():
     assert configs.make_run_config("fashion_mnist", 10, "mtt", preset="cpu").distill.init == "real"
     assert configs.make_run_config("fashion_mnist", 1, "mtt", preset="paper").distill.init == "real"
     assert configs.make_run_config("digits", 1, "mtt").distill.init == "real"
-    for overrides in ({"soft_labels": True}, {"norm": "batchnorm"}):
+    for overrides in (
+        {"soft_labels": True},
+        {"norm": "batchnorm"},
+        {"model": "resnet18_bn"},  # batch norm whatever the norm field says
+        {"model": "vgg11_bn"},
+    ):
         cfg = configs.make_run_config("fashion_mnist", 1, "mtt", preset="cpu", overrides=overrides)
         assert cfg.distill.init == "real", overrides
+    for overrides in ({"model": "alexnet", "norm": "batchnorm"}, {"model": "vgg11"}):
+        cfg = configs.make_run_config("fashion_mnist", 1, "mtt", preset="cpu", overrides=overrides)
+        assert cfg.distill.init == "herding", overrides  # no running statistics: herding applies
     kept = configs.make_run_config(
         "fashion_mnist",
         1,

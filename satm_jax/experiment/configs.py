@@ -543,6 +543,13 @@ _SHARPNESS_ONLY = (
 _DSA_SECTIONS = ("experts", "distill", "eval")
 
 
+def _has_running_stats(model: ModelConfig) -> bool:
+    try:
+        return model_registry.has_running_stats(model)
+    except ValueError as e:  # unknown network or norm
+        raise ConfigError(str(e)) from e
+
+
 def make_run_config(
     dataset: str,
     ipc: int,
@@ -608,7 +615,7 @@ def make_run_config(
     if (
         d.init != "real"
         and "syn_init" not in overrides
-        and (d.soft_labels or sections["model"].norm == "batchnorm")
+        and (d.soft_labels or _has_running_stats(sections["model"]))
     ):
         # A preset's herding start needs hard labels and a network without running statistics;
         # otherwise the preset starts from random real images (an explicit --syn_init is kept

@@ -367,11 +367,10 @@ def initial_set(
     if cfg.distill.init == "herding":
         if model is None or bank is None:
             raise ValueError("the herding start needs the model and the experts (model, bank)")
-        variables = models_lib.init_params(model, jax.random.PRNGKey(0), data.image_shape)
-        if set(variables) != {"params"}:
+        if model_registry.has_running_stats(cfg.model, data.image_shape):
             raise ConfigError(
                 f"--syn_init=herding needs a network without running statistics; "
-                f"{cfg.model.name!r} has {sorted(set(variables) - {'params'})}"
+                f"{cfg.model.name!r} (norm {cfg.model.norm!r}) keeps batch statistics"
             )
         last = bank.num_epochs - 1
         expert = jax.tree.map(lambda x: x[0, last], bank.params)
