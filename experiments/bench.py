@@ -22,8 +22,8 @@ cpu-n50        10 x 1, 32 px, depth 3, N = 50, full batch (MTT's CPU anchor)
 Modes: ``exact`` (MTT's hypergradient through all N steps), ``truncated`` (last K steps,
 ``--truncate``, default ceil(N/3)), ``satm`` (the ``satm`` method's outer loop: SAM +
 trajectory reusing + truncation to K = ceil(N/3) + ``configs.SATM_LR_UPDATE``), ``eval``
-(``--num_eval`` ConvNets trained ``--eval_epochs`` epochs on the synthetic set; ``ms_per_iter`` is then the whole evaluation),
-``expert`` (``--num_experts`` experts trained together, as ``satm_jax.experts`` does, for
+(``--num_eval`` ConvNets trained ``--eval_epochs`` epochs on the synthetic set;
+``ms_per_iter`` is then the whole evaluation), ``expert`` (``--num_experts`` experts trained together, as ``satm_jax.experts`` does, for
 ``--expert_epochs`` epochs on ``--expert_images`` images at MTT's expert settings: SGD lr 0.01,
 no momentum or weight decay, minibatches of 256; ``ms_per_iter`` is then the whole training,
 after one warm-up epoch).
