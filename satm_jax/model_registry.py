@@ -24,7 +24,14 @@ import flax.linen as nn
 import jax
 
 from satm_jax.model_pool import VGG, AlexNet, ResNet
-from satm_jax.models import NORMS, ConvNet, default_depth, init_params, resolve_conv_impl
+from satm_jax.models import (
+    NORMS,
+    ConvNet,
+    default_depth,
+    has_batch_stats,
+    init_params,
+    resolve_conv_impl,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +110,7 @@ def has_running_stats(cfg: ModelConfig, image_shape: tuple[int, ...] = (32, 32, 
     """
     model = build_model(cfg, num_classes=10)
     variables = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), image_shape))
-    return set(variables) != {"params"}
+    return has_batch_stats(variables)
 
 
 # --------------------------------------------------------------------------------------------

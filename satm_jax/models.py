@@ -254,7 +254,8 @@ class ConvNet(nn.Module):
 
 
 def has_batch_stats(variables: Any) -> bool:
-    """Whether a variables dict carries BatchNorm running statistics."""
+    """Whether a variables dict (concrete, or abstract from ``jax.eval_shape``) carries batch
+    norm's running statistics; ``model_registry.has_running_stats`` asks it of a config."""
     return "batch_stats" in variables and bool(jax.tree.leaves(variables["batch_stats"]))
 
 
