@@ -108,9 +108,18 @@ def has_running_stats(cfg: ModelConfig, image_shape: tuple[int, ...] = (32, 32, 
     Raises:
       ValueError: unknown name or norm.
     """
-    model = build_model(cfg, num_classes=10)
-    variables = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), image_shape))
-    return has_batch_stats(variables)
+    return has_batch_stats(abstract_variables(build_model(cfg, num_classes=10), image_shape))
+
+
+def abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
+    """``model``'s variables for images of shape ``(H, W, C)`` as shapes and dtypes only
+    (``jax.eval_shape`` of ``init_params``: traced, not computed).
+
+    Raises:
+      ValueError, TypeError: the network cannot take images of that shape (too small for its
+        poolings or kernels).
+    """
+    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), image_shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,6 +197,42 @@ def test_validate_configs_checks_the_expert_window(digits):
         pipeline.validate_configs([configs.make_run_config("digits", 200, "mtt")], digits)
 
 
+def test_a_network_too_deep_for_the_images_stops_before_any_training(tmp_path, digits, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from satm_jax import evaluate as evaluate_lib
+
+    # VGG-11's five poolings leave nothing of digits' 8x8 images: stopped at validation,
+    # before the experts, naming the network and the shape; ResNet-18 and AlexNet fit.
+    deep = configs.make_run_config("digits", 1, "mtt", overrides={"eval_models": ("vgg11",)})
+    with pytest.raises(configs.ConfigError, match=r"vgg11 network cannot take \(8, 8, 1\) images"):
+        pipeline.validate_configs([deep], digits)
+    fits = configs.make_run_config(
+        "digits", 1, "mtt", overrides={"eval_models": ("convnet", "resnet18", "alexnet")}
+    )
+    pipeline.validate_configs([fits], digits)
+    # A saved set evaluated again on a network that does not fit: refused before the
+    # (first, fitting) network trains, so no work is thrown away.
+    path = str(tmp_path / "distilled.npz")
+    cfg = configs.make_run_config("digits", 1, "mtt")
+    np.savez(
+        path,
+        images=np.zeros((10, 8, 8, 1), np.float32),
+        labels=np.arange(10),
+        syn_lr=np.float32(0.01),
+        config=np.asarray(json.dumps(cfg.to_dict())),
+    )
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an evaluation network was trained")
+
+    monkeypatch.setattr(evaluate_lib, "evaluate_set", no_training)
+    with pytest.raises(configs.ConfigError, match="vgg11 network cannot take"):
+        pipeline.evaluate_distilled(path, eval_models=("convnet", "vgg11"), progress=False)
+
+
 def test_runs_reuse_a_store_trained_for_more_epochs(tmp_path, digits):
 
     short = configs.make_run_config("digits", 1, "mtt", overrides={"expert_train_epochs": 8})

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -93,7 +93,8 @@ def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> Non
     """Checks every config against the data before any work starts.
 
     Raises:
-      ConfigError: IPC out of range, experts too short for the matching window, bad names.
+      ConfigError: IPC out of range, experts too short for the matching window, bad names,
+        a network too deep for the images (``check_networks_fit``).
       DatasetError: (via ``check_ipc``) IPC above the smallest class's count.
     """
     for cfg in configs:
@@ -117,11 +118,35 @@ def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> Non
         except ValueError as e:
             raise ConfigError(str(e)) from e
         configs_lib.check_eval_models(cfg.eval_models)
+        check_networks_fit(cfg, cfg.eval_models, dataset.image_shape, dataset.num_classes)
         for strategy in (cfg.experts.dsa_strategy, cfg.distill.dsa_strategy, cfg.eval.dsa_strategy):
             try:
                 augment_lib.parse_strategy(strategy)
             except ValueError as e:
                 raise ConfigError(str(e)) from e
+
+
+def check_networks_fit(
+    cfg: RunConfig, eval_models: Sequence[str], image_shape: tuple[int, ...], num_classes: int
+) -> None:
+    """Checks, before any training, that the student and every evaluation network of
+    ``eval_models`` can take images of ``image_shape`` (an abstract initialisation: traced,
+    not computed), so that a network too deep for small images (VGG-11 on digits' 8x8) stops
+    the run at once instead of after the experts, the distillation or the other networks.
+
+    Raises:
+      ConfigError: naming the network, the image shape and the reason.
+    """
+    nets = [("student", model_registry.build_model(cfg.model, num_classes))]
+    nets += [(name, eval_model(cfg, name, num_classes)) for name in eval_models]
+    for label, model in nets:
+        try:
+            model_registry.abstract_variables(model, tuple(image_shape))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"{cfg.name}: the {label} network cannot take {tuple(image_shape)} images of "
+                f"{cfg.dataset}: {e}"
+            ) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -798,6 +823,9 @@ def evaluate_distilled(
         raise data_lib.DatasetError(
             f"{path} has {int(d['num_classes'])} classes, {cfg.dataset} has {dataset.num_classes}"
         )
+    check_networks_fit(
+        cfg, eval_models or cfg.eval_models, dataset.image_shape, dataset.num_classes
+    )
     data = prepare_data(dataset, cfg.preprocessing)
     labels = distill_lib.label_targets(jnp.asarray(d["labels"]), d["soft_labels"])
     step = float(d["syn_lr"]) if lr is None else float(lr)
