@@ -10,8 +10,8 @@ flags reuses every finished stage (a killed run resumes where it stopped).
 
 Smoke run on scikit-learn's digits (embedded, no download): all 4 methods, 5 stages, 1 class
 order, with the smoke budget (``satm_jax.experiment.continual.SMOKE_BUDGET``: 2 experts x 4 epochs per
-stage, 20 outer iterations of N = 10 with the calibrated outer loop, 2 evaluation networks x
-100 epochs, herding features after 4 epochs)::
+stage, 20 outer iterations of N = 10 with the calibrated outer loop starting from herding's
+picks, 2 evaluation networks x 100 epochs, herding features after 4 epochs)::
 
     python -m experiments.continual --dataset=digits --preset=default --budget=smoke \
       --stages=5 --ipc=1 --class_orders=0 --workdir=/tmp/continual_digits
@@ -22,8 +22,9 @@ memory has its own shape); with ``--stages=2`` 6 min 1 s (load average 3-6).
 
 Fashion-MNIST, 5 stages of 2 classes, IPC 10, 3 class orders, the 4 methods, with the reduced
 budget ``--budget=continual`` (``satm_jax.experiment.continual.CONTINUAL_BUDGET`` on top of the ``cpu``
-preset: 2 experts x 5 epochs per stage, 80 outer iterations of N = 10 inner steps, 2
-evaluation networks of width 32 for 250 epochs, herding features after 2 epochs)::
+preset: 2 experts x 5 epochs per stage, 80 outer iterations of N = 10 inner steps starting
+from herding's picks, 2 evaluation networks of width 32 for 250 epochs, herding features after
+2 epochs)::
 
     python -m experiments.continual --dataset=fashion_mnist --preset=cpu --budget=continual \
       --stages=5 --ipc=10 --class_orders=0,1,2 --workdir=/tmp/continual_fmnist

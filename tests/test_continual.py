@@ -470,7 +470,7 @@ def test_cli_refuses_bad_input_with_a_clear_message(tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
 
 
-def test_budget_overrides_layer_under_explicit_flags():
+def test_budget_overrides_layer_under_explicit_flags_and_start_from_herding():
     o, herding_epochs = continual.budget_overrides("continual", {"iterations": 7})
     assert o["iterations"] == 7 and o["num_experts"] == continual.CONTINUAL_BUDGET["num_experts"]
     assert herding_epochs == 2
@@ -480,6 +480,19 @@ def test_budget_overrides_layer_under_explicit_flags():
         continual.ContinualConfig("fashion_mnist", 10, 5, preset="cpu", overrides=o), "satm"
     )
     assert cfg.distill.iterations == 7 and cfg.experts.num_experts == 2
+    # Both budgets start every stage's condensation from herding's picks (our choice); an
+    # explicit --syn_init wins.
+    assert cfg.distill.init == "herding"
+    o_smoke, _ = continual.budget_overrides("smoke")
+    smoke = continual.method_config(
+        continual.ContinualConfig("digits", 1, 5, preset="default", overrides=o_smoke), "mtt"
+    )
+    assert smoke.distill.init == "herding"
+    o_real, _ = continual.budget_overrides("continual", {"syn_init": "real"})
+    real = continual.method_config(
+        continual.ContinualConfig("fashion_mnist", 10, 5, preset="cpu", overrides=o_real), "mtt"
+    )
+    assert real.distill.init == "real"
     assert cfg.eval.width == 32 and cfg.eval.num_models == 2 and cfg.distill.syn_steps == 10
     # mtt/satm stage runs keep their own evaluation at a token size; the protocol's is the preset's.
     assert continual.stage_run_config(cfg).eval.epochs == 1 and cfg.eval.epochs == 250
