@@ -8,7 +8,8 @@ better. These measures look at a finished set ``X`` alone, however it was made:
   (absolute) or ``r = radius * ||X||`` (relative, the default), around the whole set or per
   image, as in ``satm_jax.sharpness.sam_perturbation``;
 * ``top_hessian_eigenvalue``: the largest eigenvalue of ``d^2 L / dX^2`` by power iteration on
-  Hessian-vector products (forward-over-reverse: ``jax.jvp`` of ``jax.grad``);
+  Hessian-vector products (forward-over-reverse: ``jax.jvp`` of ``jax.grad``), shifted where
+  the eigenvalue of largest magnitude is negative (``hessian_eigenvalues``);
 * the generalisation gap of the outer problem: ``L`` on trajectories of **held-out experts**
   (never sampled during distillation) minus ``L`` on the sampled experts, on the same
   minibatches and augmentation draws.
@@ -165,7 +166,18 @@ def hvp(loss_fn: LossFn, x: Array, v: Array) -> Array:
     return jax.jvp(jax.grad(loss_fn), (x,), (v,))[1]
 
 
-def top_hessian_eigenvalue(
+def _power_iteration(op: Callable[[Array], Array], v: Array, iterations: int) -> Array:
+    """The unit vector after ``iterations`` steps of ``v <- op(v) / ||op(v)||``."""
+
+    def body(v, _):
+        w = op(v)
+        return w / (jnp.linalg.norm(w) + sharpness_lib.NORM_EPS), None
+
+    v, _ = jax.lax.scan(body, v / jnp.linalg.norm(v), None, length=iterations)
+    return v
+
+
+def dominant_hessian_eigenvalue(
     loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
 ) -> Array:
     """The eigenvalue of largest magnitude of ``d^2 L / dx^2`` by power iteration.
@@ -175,15 +187,42 @@ def top_hessian_eigenvalue(
     magnitudes.
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    v = jax.random.normal(key, x.shape, x.dtype)
-    v = v / jnp.linalg.norm(v)
-
-    def body(v, _):
-        hv = hvp(loss_fn, x, v)
-        return hv / (jnp.linalg.norm(hv) + sharpness_lib.NORM_EPS), None
-
-    v, _ = jax.lax.scan(body, v, None, length=iterations)
+    v = _power_iteration(
+        lambda v: hvp(loss_fn, x, v), jax.random.normal(key, x.shape, x.dtype), iterations
+    )
     return jnp.vdot(v, hvp(loss_fn, x, v))
+
+
+def hessian_eigenvalues(
+    loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
+) -> tuple[Array, Array]:
+    """``(largest, dominant)`` eigenvalues of ``d^2 L / dx^2``: the algebraically largest
+    (the sharpness of the loss: its steepest upward curvature) and the one of largest
+    magnitude.
+
+    Power iteration finds the dominant one. Where that is negative (a direction of negative
+    curvature outweighs every positive one), a second power iteration on the shifted operator
+    ``H - dominant * I``, whose eigenvalues ``lambda_i - dominant`` are all >= 0 with the
+    largest at ``lambda_max``, finds the largest (``jax.lax.cond``: only then; ``iterations``
+    Hessian-vector products more).
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    dominant = dominant_hessian_eigenvalue(loss_fn, x, iterations=iterations, key=key)
+
+    def shifted(dominant):
+        start = jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype)
+        v = _power_iteration(lambda v: hvp(loss_fn, x, v) - dominant * v, start, iterations)
+        return jnp.vdot(v, hvp(loss_fn, x, v))
+
+    largest = jax.lax.cond(dominant < 0, shifted, lambda d: d, dominant)
+    return largest, dominant
+
+
+def top_hessian_eigenvalue(
+    loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
+) -> Array:
+    """The largest (algebraic) eigenvalue of ``d^2 L / dx^2`` (``hessian_eigenvalues``)."""
+    return hessian_eigenvalues(loss_fn, x, iterations=iterations, key=key)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,9 +298,11 @@ def measure(
 
     Returns:
       ``{"loss_sampled", "loss_heldout", "generalisation_gap", "worst_case_increase",
-      "worst_case_increase_rel", "hessian_top_eig", "radius"}`` as floats (the ``_rel`` entry
-      is the increase over the held-out loss; ``radius`` is the ball's radius in the set's
-      units, the overall one for a per-image ball).
+      "worst_case_increase_rel", "hessian_top_eig", "hessian_dominant_eig", "radius"}`` as
+      floats (the ``_rel`` entry is the increase over the held-out loss; ``hessian_top_eig``
+      the largest eigenvalue, ``hessian_dominant_eig`` the one of largest magnitude, equal
+      where that is positive; ``radius`` is the ball's radius in the set's units, the overall
+      one for a per-image ball).
     """
     cfg.validate()
     images = jnp.asarray(images)
@@ -280,9 +321,10 @@ def measure(
             )
         )(images)
     )
-    eig = float(
-        jax.jit(
-            lambda x: top_hessian_eigenvalue(
+    eig, dominant = (
+        float(e)
+        for e in jax.jit(
+            lambda x: hessian_eigenvalues(
                 loss_heldout,
                 x,
                 iterations=cfg.power_iterations,
@@ -298,6 +340,7 @@ def measure(
         "worst_case_increase": wc,
         "worst_case_increase_rel": wc / lh if lh else float("nan"),
         "hessian_top_eig": eig,
+        "hessian_dominant_eig": dominant,
         "radius": _overall_radius(r, images, cfg.ball),
     }
 

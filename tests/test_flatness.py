@@ -34,8 +34,30 @@ def test_power_iteration_finds_the_eigenvalue_of_largest_magnitude_with_its_sign
         eig = np.linalg.eigvalsh(dense)
         top = eig[np.argmax(np.abs(eig))]
         assert top < 0  # the negative direction dominates: the sign must survive
-        got = flatness.top_hessian_eigenvalue(_cubic, x, iterations=200)
+        got = flatness.dominant_hessian_eigenvalue(_cubic, x, iterations=200)
         assert float(got) == pytest.approx(top, rel=1e-6)
+
+
+def test_top_eigenvalue_is_the_largest_even_where_a_negative_one_dominates():
+    with x64():
+        x = jnp.array([0.1, -0.2, 0.05, 0.3])
+        eig = np.linalg.eigvalsh(np.asarray(jax.hessian(_cubic)(x)))
+        assert abs(eig[0]) > abs(eig[-1]) > 0  # negative dominant, positive largest
+        largest, dominant = flatness.hessian_eigenvalues(_cubic, x, iterations=200)
+        assert float(largest) == pytest.approx(eig[-1], rel=1e-6)
+        assert float(dominant) == pytest.approx(eig[0], rel=1e-6)
+        assert float(flatness.top_hessian_eigenvalue(_cubic, x, iterations=200)) == float(largest)
+        # A positive dominant eigenvalue is the largest: returned as it is, no second iteration.
+        a = jnp.diag(jnp.array([4.0, -1.0, 0.5]))
+        f = lambda v: 0.5 * v @ a @ v  # noqa: E731
+        largest, dominant = flatness.hessian_eigenvalues(f, jnp.zeros(3), iterations=100)
+        assert float(largest) == float(dominant) == pytest.approx(4.0, rel=1e-9)
+        # Every eigenvalue negative: the largest is the one nearest zero.
+        b = jnp.diag(jnp.array([-4.0, -1.0, -0.5]))
+        g = lambda v: 0.5 * v @ b @ v  # noqa: E731
+        largest, dominant = flatness.hessian_eigenvalues(g, jnp.zeros(3), iterations=200)
+        assert float(largest) == pytest.approx(-0.5, rel=1e-6)
+        assert float(dominant) == pytest.approx(-4.0, rel=1e-6)
 
 
 def test_worst_case_increase_reaches_the_quadratic_maximum_and_respects_the_ball():
@@ -132,7 +154,8 @@ def test_measure_on_a_tiny_set_against_its_dense_hessian():
         )
         dense = jax.hessian(held)(images).reshape(images.size, images.size)
         eig = np.linalg.eigvalsh(np.asarray(dense))
-        assert out["hessian_top_eig"] == pytest.approx(eig[np.argmax(np.abs(eig))], rel=1e-3)
+        assert out["hessian_top_eig"] == pytest.approx(eig[-1], rel=1e-3)
+        assert out["hessian_dominant_eig"] == pytest.approx(eig[np.argmax(np.abs(eig))], rel=1e-3)
         r = 0.01 * float(jnp.linalg.norm(images))
         assert out["radius"] == pytest.approx(r, rel=1e-9)
         g = jax.grad(held)(images)
