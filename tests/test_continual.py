@@ -388,7 +388,7 @@ def test_every_stage_trains_a_fresh_network_on_all_classes_tested_on_the_seen_on
 def test_outputs_hold_one_row_per_method_and_stage(recorded):
     out = recorded.out
     saved = jsonio.read_json(os.path.join(recorded.wd, "continual.json"))
-    assert set(saved) == {"stages", "ipc", "results", "config", "wall_s"}
+    assert set(saved) == {"stages", "ipc", "results", "paired", "config", "wall_s"}
     assert saved["stages"] == 5 and saved["ipc"] == 2 and saved["wall_s"] > 0
     assert saved["results"] == json.loads(json.dumps(out["results"]))
     rows = saved["results"]
@@ -411,6 +411,10 @@ def test_outputs_hold_one_row_per_method_and_stage(recorded):
     with open(os.path.join(recorded.wd, "continual.md")) as f:
         md = f.read()
     assert "| herding |" in md and "10 classes" in md
+    assert "| satm - mtt |" in md and "| herding - random |" in md
+    assert {(p["a"], p["b"]) for p in saved["paired"]} == set(
+        continual.paired_pairs(continual.METHODS)
+    )
     assert os.path.getsize(os.path.join(recorded.wd, "continual.png")) > 0
 
 
@@ -589,3 +593,38 @@ def test_the_tables_and_plot_title_count_only_the_class_orders_with_results(reco
     partial = dict(out, results=[dict(r, orders=[0]) for r in out["results"]])
     assert continual.orders_done(partial) == [0]
     assert "class orders (seeds) [0] of the requested [0, 1]" in continual.markdown_table(partial)
+
+
+def test_paired_differences_subtract_each_orders_network_mean_by_hand():
+    # Two methods, stage 0, three class orders with 2 networks each (order-major accs).
+    results = [
+        {"method": "random", "stage": 0, "num_classes_seen": 2, "orders": [0, 1, 2],
+         "accs": [90.0, 92.0, 80.0, 80.0, 70.0, 74.0]},
+        {"method": "mtt", "stage": 0, "num_classes_seen": 2, "orders": [0, 1, 2],
+         "accs": [93.0, 93.0, 79.0, 79.0, 75.0, 75.0]},
+        # A method with one order only (a run stopped early) pairs on that order alone.
+        {"method": "satm", "stage": 0, "num_classes_seen": 2, "orders": [1],
+         "accs": [82.0, 84.0]},
+    ]  # fmt: skip
+    (d,) = continual.paired_differences(results, "mtt", "random")
+    # per order: 93 - 91 = 2, 79 - 80 = -1, 75 - 72 = 3
+    assert d["diff_mean"] == pytest.approx(4 / 3, abs=1e-4)
+    assert d["diff_std"] == pytest.approx(np.std([2.0, -1.0, 3.0], ddof=1), abs=1e-4)
+    assert d["positive"] == 2 and d["orders"] == [0, 1, 2]
+    (e,) = continual.paired_differences(results, "satm", "mtt")
+    assert (e["diff_mean"], e["diff_std"], e["orders"]) == (4.0, 0.0, [1])
+    assert continual.paired_differences(results, "herding", "random") == []
+    assert continual.paired_pairs(continual.METHODS) == [
+        ("herding", "random"), ("mtt", "random"), ("satm", "random"), ("satm", "mtt")
+    ]  # fmt: skip
+    assert continual.paired_pairs(("mtt", "satm")) == [("satm", "mtt")]
+    out = {"stages": 5, "ipc": 1, "results": results, "wall_s": 1.0,
+           "paired": [d, e],
+           "config": {"dataset": "digits", "preset": "default", "classes_per_stage": 2,
+                      "class_order_seeds": [0, 1, 2], "lr": 0.01, "methods": ["random", "mtt"],
+                      "eval": {"epochs": 1, "num_models": 2}}}  # fmt: skip
+    for r in results:
+        r.update(acc_mean=float(np.mean(r["accs"])), acc_std=0.0, n=len(r["accs"]))
+    md = continual.markdown_table(out)
+    assert "| mtt - random | +1.33 +- 2.08 (2/3) |" in md
+    assert "| satm - mtt | +4.00 +- 0.00 (1/1) |" in md

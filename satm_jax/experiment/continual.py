@@ -665,6 +665,56 @@ def summarize(
     return rows
 
 
+def _order_means(row: dict[str, Any]) -> dict[int, float]:
+    """A summary row's accuracy per class order: the mean over that order's networks
+    (``accs`` are order-major, the same number of networks per order)."""
+    orders = row["orders"]
+    per = np.asarray(row["accs"], np.float64).reshape(len(orders), -1)
+    return {int(o): float(a.mean()) for o, a in zip(orders, per)}
+
+
+def paired_pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """The differences ``continual.md`` reports: every method against ``random``, and SATM
+    against MTT."""
+    pairs = [(m, "random") for m in methods if m != "random" and "random" in methods]
+    if "satm" in methods and "mtt" in methods:
+        pairs.append(("satm", "mtt"))
+    return pairs
+
+
+def paired_differences(results: list[dict[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
+    """``a - b`` paired by class order at every stage both have: per order the difference of
+    the two methods' means over that order's networks (the same initialisations: the
+    evaluation keys are shared), then the mean, the sample std (``ddof=1``; 0 with one order)
+    and the count of positive differences over the orders they share. Removes the class
+    orders' difficulty, which dominates the unpaired spread."""
+    out = []
+    for ra in results:
+        if ra["method"] != a:
+            continue
+        rb = [r for r in results if r["method"] == b and r["stage"] == ra["stage"]]
+        if not rb:
+            continue
+        ma, mb = _order_means(ra), _order_means(rb[0])
+        common = sorted(set(ma) & set(mb))
+        if not common:
+            continue
+        d = np.asarray([ma[o] - mb[o] for o in common])
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "stage": int(ra["stage"]),
+                "num_classes_seen": int(ra["num_classes_seen"]),
+                "diff_mean": round(float(d.mean()), 4),
+                "diff_std": round(float(d.std(ddof=1)) if len(d) > 1 else 0.0, 4),
+                "positive": int((d > 0).sum()),
+                "orders": common,
+            }
+        )
+    return out
+
+
 def orders_done(out: dict[str, Any]) -> list[int]:
     """The class-order seeds that have results so far (a run still going, or stopped, has
     fewer than it requested)."""
@@ -701,6 +751,27 @@ def markdown_table(out: dict[str, Any]) -> str:
                 f"{r[0]['acc_mean']:.2f} +- {r[0]['acc_std']:.2f} ({r[0]['n']})" if r else "-"
             )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    paired = out.get("paired") or []
+    if paired:
+        lines += [
+            "",
+            "Paired by class order (each order's mean over its networks; mean +- std over the "
+            "orders, and in how many orders the difference is positive):",
+            "",
+            "| difference | " + " | ".join(f"{s} classes" for s in seen) + " |",
+            "|---|" + "---|" * len(seen),
+        ]
+        for a, b in dict.fromkeys((p["a"], p["b"]) for p in paired):
+            cells = []
+            for s in seen:
+                r = [p for p in paired if (p["a"], p["b"], p["num_classes_seen"]) == (a, b, s)]
+                cells.append(
+                    f"{r[0]['diff_mean']:+.2f} +- {r[0]['diff_std']:.2f} "
+                    f"({r[0]['positive']}/{len(r[0]['orders'])})"
+                    if r
+                    else "-"
+                )
+            lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -834,10 +905,14 @@ def run_continual(
     records: list[dict[str, Any]] = []
 
     def output(final: bool) -> dict[str, Any]:
+        results = summarize(records, ccfg.methods, per)
         out = {
             "stages": ccfg.stages,
             "ipc": ccfg.ipc,
-            "results": summarize(records, ccfg.methods, per),
+            "results": results,
+            "paired": [
+                d for a, b in paired_pairs(ccfg.methods) for d in paired_differences(results, a, b)
+            ],
             "config": config_dict,
             "wall_s": round(time.time() - t_start, 2),
         }
