@@ -17,6 +17,10 @@ run can fall short:
 * ``not converged``: the loss is still falling over the last tenth;
 * ``images barely moved``: the set moved less than ``min_image_move`` of its own norm, or the
   smoothed loss fell by less than ``min_loss_drop`` of its initial value;
+* ``matching loss rose``: the smoothed loss ended more than ``min_loss_drop`` above where it
+  started although the images moved (by at least ``min_image_move``): the outer update made
+  the set worse (an image learning rate or a SAM radius too large), which is not a lack of
+  movement;
 * ``step size still moving``: the learned step size (which the evaluation trains with) changed
   by more than ``max_lr_drift`` (in log space) over the last tenth of the run, although the loss
   may have levelled off.
@@ -159,7 +163,10 @@ def report(
         out["image_update_median"] = float(np.median(np.asarray(image_updates, np.float64)))
     if image_move is not None:
         out["image_move"] = float(image_move)
-    barely = loss_drop < min_loss_drop or (image_move is not None and image_move < min_image_move)
+    moved_little = image_move is not None and image_move < min_image_move
+    rose = bool(loss_drop < -min_loss_drop and not moved_little)
+    barely = not rose and (loss_drop < min_loss_drop or moved_little)
+    out["loss_rose"] = rose
     if still_falling:
         out["warnings"].append(
             f"not converged: the matching loss is still falling over the last tenth of the run "
@@ -173,6 +180,17 @@ def report(
             f"{move}; raise the image learning rate (--lr_img, or --img_optimizer=adam "
             "--lr_img_rel) or the step size's (--lr_lr, --lr_log_lr)"
         )
+    if rose:
+        move = (
+            ""
+            if image_move is None
+            else f" while the images moved {100 * image_move:.0f}% of their norm"
+        )
+        out["warnings"].append(
+            f"matching loss rose: the smoothed matching loss ended {100 * -loss_drop:.1f}% above "
+            f"its start{move}: the outer update made the set worse; lower the image learning "
+            "rate (--lr_img, --lr_img_rel) or, for SATM, the radius (--rho)"
+        )
     if lr_moving:
         change = out["syn_lr"]["last_tenth_change"]
         out["warnings"].append(
@@ -181,5 +199,5 @@ def report(
             "trains with it; raise --iterations, or the step size's learning rate "
             "(--lr_log_lr, --lr_lr)"
         )
-    out["converged"] = not (still_falling or barely or lr_moving)
+    out["converged"] = not (still_falling or barely or rose or lr_moving)
     return out

@@ -47,6 +47,21 @@ def test_a_flat_curve_from_the_start_means_the_images_barely_moved():
     assert r["warnings"] and "0.10% of their norm" in r["warnings"][0]
 
 
+def test_a_loss_that_rose_while_the_images_moved_is_not_called_barely_moved():
+    # The SAM radius 1.0 runs of the digits sharpness study: loss up 9-39 %, images moved 3x.
+    rising = 0.6 + 0.1 * ITS / ITS.size + _noise(0.01, seed=2)
+    r = convergence.report(rising, image_move=3.0)
+    assert r["loss_rose"] and not r["converged"]
+    (w,) = r["warnings"]
+    assert w.startswith("matching loss rose") and "300% of their norm" in w and "--rho" in w
+    # Rising with images that did not move: that is the lack of movement, not a bad update.
+    r = convergence.report(rising, image_move=0.001)
+    assert not r["loss_rose"] and r["warnings"][0].startswith("images barely moved")
+    # A falling loss sets neither.
+    r = convergence.report(0.5 + 0.5 * np.exp(-ITS / 40.0), image_move=0.5)
+    assert not r["loss_rose"] and r["converged"] and r["warnings"] == []
+
+
 def test_step_size_trajectory_and_image_updates_are_summarised():
     lrs = np.linspace(0.01, 0.05, ITS.size)
     r = convergence.report(
