@@ -52,7 +52,12 @@ flags.DEFINE_list(
 )
 
 BALL_LABELS = {"global": "global", "per_example": "perimg"}
-FLATNESS_KEYS = ("worst_case_increase_rel", "hessian_top_eig", "generalisation_gap")
+FLATNESS_KEYS = (
+    "worst_case_increase_rel",
+    "hessian_top_eig",
+    "hessian_top_eig_scaled",
+    "generalisation_gap",
+)
 # The reference points: MTT, and MTT with the truncated hypergradient (K = ceil(N/3)).
 REFERENCES = {"mtt": {}, "mtt_tuh": {"hypergrad": "truncated"}}
 
@@ -157,7 +162,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
         if paired:
             entry["vs_mtt_mean"], entry["vs_mtt_std"] = _mean_std(paired)
         for k in FLATNESS_KEYS:
-            vals = [r["flatness"][k] for r in rs if "flatness" in r]
+            vals = [r["flatness"][k] for r in rs if k in r.get("flatness", {})]
             if vals:
                 entry[k], entry[k + "_std"] = _mean_std(vals)
         sh = [r["sharpness_last_tenth"] for r in rs if "sharpness_last_tenth" in r]
@@ -182,11 +187,12 @@ def format_markdown(study: dict, command: str, wall_s: float) -> str:
         "networks (with one seed: the networks' std); vs MTT: paired difference at the same "
         "seed. Flatness (held-out experts): "
         "worst-case loss increase in the ball over the held-out loss, top Hessian eigenvalue, "
-        "held-out minus sampled loss. Sharpness: the run's own L(X+eps) - L(X), last tenth.",
+        "the same with every image's norm on the Hessian's diagonal scaling (blind to "
+        "rescaled images), held-out minus sampled loss. Sharpness: the run's own L(X+eps) - L(X), last tenth.",
         "",
-        "| point | seeds | accuracy | vs MTT | worst-case rel | top eig | gen. gap | sharpness |"
-        " distill s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| point | seeds | accuracy | vs MTT | worst-case rel | top eig | top eig, scaled |"
+        " gen. gap | sharpness | distill s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(e, k, fmt="{:.4g}"):
@@ -261,7 +267,7 @@ def plot(study: dict, workdir: str) -> list[str]:
     paths.append(os.path.join(workdir, "sharpness_accuracy.png"))
     fig.savefig(paths[-1])
 
-    fig = Figure(figsize=(10, 3.2))
+    fig = Figure(figsize=(13, 3.2))
     for i, k in enumerate(FLATNESS_KEYS):
         ax = fig.add_subplot(1, len(FLATNESS_KEYS), i + 1)
         for ball, es in series.items():

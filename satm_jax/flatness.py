@@ -10,6 +10,10 @@ better. These measures look at a finished set ``X`` alone, however it was made:
 * ``top_hessian_eigenvalue``: the largest eigenvalue of ``d^2 L / dX^2`` by power iteration on
   Hessian-vector products (forward-over-reverse: ``jax.jvp`` of ``jax.grad``), shifted where
   the eigenvalue of largest magnitude is negative (``hessian_eigenvalues``);
+* ``hessian_top_eig_scaled``: the same for ``S H S`` with every image's norm on ``S``
+  (``per_example_scale``): the matching loss of an instance-normalised network does not change
+  when an image is rescaled, but the plain eigenvalues shrink as ``1 / c^2``, so a set that
+  merely grew looks flatter by them (ours, after ASAM's argument for scale-invariant weights);
 * the generalisation gap of the outer problem: ``L`` on trajectories of **held-out experts**
   (never sampled during distillation) minus ``L`` on the sampled experts, on the same
   minibatches and augmentation draws.
@@ -51,6 +55,11 @@ Array = jax.Array
 LossFn = Callable[[Array], Array]
 
 
+#: Bumped whenever ``measure`` gains or changes a measure (2: the largest eigenvalue where a
+#: negative one dominates, and the scale-invariant ``hessian_top_eig_scaled``; 2026-12-06).
+MEASURES_VERSION = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatnessConfig:
     """What ``measure`` computes.
@@ -88,8 +97,9 @@ class FlatnessConfig:
         return self
 
     def identity(self) -> dict[str, Any]:
-        """What a cached measurement must agree on."""
-        return dataclasses.asdict(self)
+        """What a cached measurement must agree on (the measures' version included: a set
+        measured before a measure was added is measured again)."""
+        return {**dataclasses.asdict(self), "measures": MEASURES_VERSION}
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,28 +187,60 @@ def _power_iteration(op: Callable[[Array], Array], v: Array, iterations: int) ->
     return v
 
 
+def _hessian_operator(loss_fn: LossFn, x: Array, scale: Array | None) -> Callable[[Array], Array]:
+    """``v -> S H S v`` with ``H = d^2 L / dx^2`` and ``S = diag(scale)`` (``H`` without)."""
+    if scale is None:
+        return lambda v: hvp(loss_fn, x, v)
+    return lambda v: scale * hvp(loss_fn, x, scale * v)
+
+
+def per_example_scale(x: Array) -> Array:
+    """Every image's norm, broadcast over its pixels: the ``scale`` that makes
+    ``hessian_eigenvalues`` invariant to rescaling each image.
+
+    With instance (or layer) normalisation after the first convolution the network, and so
+    the matching loss, is invariant to a positive rescaling of each image (the convolution's
+    bias is removed by the normalisation's mean), so ``H(c X) = C^-1 H(X) C^-1`` and the plain
+    eigenvalues shrink as ``1 / c^2`` when a set grows, without the loss changing at all. In
+    the coordinates ``X_i = ||X_i|| u_i`` the Hessian is ``S H S``, whose eigenvalues do not
+    move under such a rescaling (as ASAM's normalisation for scale-invariant weights).
+    """
+    norms = jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=1))
+    return jnp.broadcast_to(norms.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
+
+
 def dominant_hessian_eigenvalue(
-    loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
+    loss_fn: LossFn,
+    x: Array,
+    *,
+    iterations: int = 10,
+    key: Array | None = None,
+    scale: Array | None = None,
 ) -> Array:
-    """The eigenvalue of largest magnitude of ``d^2 L / dx^2`` by power iteration.
+    """The eigenvalue of largest magnitude of ``d^2 L / dx^2`` (of ``S H S`` with ``scale``)
+    by power iteration.
 
     Returns the Rayleigh quotient ``v^T H v`` of the last unit vector ``v``, which converges to
     the dominant eigenvalue (sign included) at the rate of the ratio of the two largest
     magnitudes.
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    v = _power_iteration(
-        lambda v: hvp(loss_fn, x, v), jax.random.normal(key, x.shape, x.dtype), iterations
-    )
-    return jnp.vdot(v, hvp(loss_fn, x, v))
+    op = _hessian_operator(loss_fn, x, scale)
+    v = _power_iteration(op, jax.random.normal(key, x.shape, x.dtype), iterations)
+    return jnp.vdot(v, op(v))
 
 
 def hessian_eigenvalues(
-    loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
+    loss_fn: LossFn,
+    x: Array,
+    *,
+    iterations: int = 10,
+    key: Array | None = None,
+    scale: Array | None = None,
 ) -> tuple[Array, Array]:
     """``(largest, dominant)`` eigenvalues of ``d^2 L / dx^2``: the algebraically largest
     (the sharpness of the loss: its steepest upward curvature) and the one of largest
-    magnitude.
+    magnitude. With ``scale`` (e.g. ``per_example_scale(x)``), those of ``S H S``.
 
     Power iteration finds the dominant one. Where that is negative (a direction of negative
     curvature outweighs every positive one), a second power iteration on the shifted operator
@@ -207,22 +249,28 @@ def hessian_eigenvalues(
     Hessian-vector products more).
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    dominant = dominant_hessian_eigenvalue(loss_fn, x, iterations=iterations, key=key)
+    op = _hessian_operator(loss_fn, x, scale)
+    dominant = dominant_hessian_eigenvalue(loss_fn, x, iterations=iterations, key=key, scale=scale)
 
     def shifted(dominant):
         start = jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype)
-        v = _power_iteration(lambda v: hvp(loss_fn, x, v) - dominant * v, start, iterations)
-        return jnp.vdot(v, hvp(loss_fn, x, v))
+        v = _power_iteration(lambda v: op(v) - dominant * v, start, iterations)
+        return jnp.vdot(v, op(v))
 
     largest = jax.lax.cond(dominant < 0, shifted, lambda d: d, dominant)
     return largest, dominant
 
 
 def top_hessian_eigenvalue(
-    loss_fn: LossFn, x: Array, *, iterations: int = 10, key: Array | None = None
+    loss_fn: LossFn,
+    x: Array,
+    *,
+    iterations: int = 10,
+    key: Array | None = None,
+    scale: Array | None = None,
 ) -> Array:
     """The largest (algebraic) eigenvalue of ``d^2 L / dx^2`` (``hessian_eigenvalues``)."""
-    return hessian_eigenvalues(loss_fn, x, iterations=iterations, key=key)[0]
+    return hessian_eigenvalues(loss_fn, x, iterations=iterations, key=key, scale=scale)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,11 +346,13 @@ def measure(
 
     Returns:
       ``{"loss_sampled", "loss_heldout", "generalisation_gap", "worst_case_increase",
-      "worst_case_increase_rel", "hessian_top_eig", "hessian_dominant_eig", "radius"}`` as
-      floats (the ``_rel`` entry is the increase over the held-out loss; ``hessian_top_eig``
-      the largest eigenvalue, ``hessian_dominant_eig`` the one of largest magnitude, equal
-      where that is positive; ``radius`` is the ball's radius in the set's units, the overall
-      one for a per-image ball).
+      "worst_case_increase_rel", "hessian_top_eig", "hessian_dominant_eig",
+      "hessian_top_eig_scaled", "radius"}`` as floats (the ``_rel`` entry is the increase over
+      the held-out loss; ``hessian_top_eig`` the largest eigenvalue, ``hessian_dominant_eig``
+      the one of largest magnitude, equal where that is positive; ``hessian_top_eig_scaled``
+      the largest eigenvalue of ``S H S`` with every image's norm on ``S``
+      (``per_example_scale``), which does not change when images are rescaled; ``radius`` is
+      the ball's radius in the set's units, the overall one for a per-image ball).
     """
     cfg.validate()
     images = jnp.asarray(images)
@@ -321,17 +371,18 @@ def measure(
             )
         )(images)
     )
-    eig, dominant = (
-        float(e)
-        for e in jax.jit(
-            lambda x: hessian_eigenvalues(
-                loss_heldout,
-                x,
-                iterations=cfg.power_iterations,
-                key=jax.random.PRNGKey(cfg.seed + 1),
-            )
-        )(images)
-    )
+
+    def eigenvalues(x, scale):
+        return hessian_eigenvalues(
+            loss_heldout,
+            x,
+            iterations=cfg.power_iterations,
+            key=jax.random.PRNGKey(cfg.seed + 1),
+            scale=scale,
+        )
+
+    eig, dominant = (float(e) for e in jax.jit(lambda x: eigenvalues(x, None))(images))
+    eig_scaled = float(jax.jit(lambda x: eigenvalues(x, per_example_scale(x))[0])(images))
     r = _ball_radius(images, cfg.radius, cfg.radius_scale, cfg.ball)
     return {
         "loss_sampled": ls,
@@ -341,6 +392,7 @@ def measure(
         "worst_case_increase_rel": wc / lh if lh else float("nan"),
         "hessian_top_eig": eig,
         "hessian_dominant_eig": dominant,
+        "hessian_top_eig_scaled": eig_scaled,
         "radius": _overall_radius(r, images, cfg.ball),
     }
 

@@ -60,6 +60,52 @@ def test_top_eigenvalue_is_the_largest_even_where_a_negative_one_dominates():
         assert float(dominant) == pytest.approx(-4.0, rel=1e-6)
 
 
+def _scale_free(x):
+    # A loss of each image's direction only (as an instance-normalised network's), coupled
+    # across images, with curvature of both signs.
+    u = x / jnp.linalg.norm(x.reshape(x.shape[0], -1), axis=1)[:, None]
+    w = jnp.arange(1.0, 1.0 + u.size).reshape(u.shape) / u.size
+    return jnp.sum(jnp.sin(3 * u) * w) + (jnp.sum(u[0] * u[1]) - 0.5 * jnp.sum(u[2])) ** 2
+
+
+def test_scaled_eigenvalue_ignores_rescaled_images_and_matches_the_dense_s_h_s():
+    with x64():
+        x = jnp.array([[0.3, -1.1, 0.7, 2.0], [1.0, 0.5, -0.2, 0.3], [-0.4, 0.9, 0.1, 0.6]])
+        c = jnp.array([0.5, 2.0, 3.0])[:, None]
+        s = flatness.per_example_scale(x)
+        np.testing.assert_allclose(s[:, 0], np.linalg.norm(np.asarray(x), axis=1), rtol=1e-12)
+        h = np.asarray(jax.hessian(_scale_free)(x)).reshape(x.size, x.size)
+        d = np.asarray(s).reshape(-1)
+        dense = np.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1]
+        got = flatness.top_hessian_eigenvalue(_scale_free, x, iterations=300, scale=s)
+        assert float(got) == pytest.approx(dense, rel=1e-6)
+        moved = flatness.top_hessian_eigenvalue(
+            _scale_free, c * x, iterations=300, scale=flatness.per_example_scale(c * x)
+        )
+        assert float(moved) == pytest.approx(float(got), rel=1e-6)
+        # The plain eigenvalue does change under the same rescaling.
+        plain = flatness.top_hessian_eigenvalue(_scale_free, x, iterations=300)
+        plain_moved = flatness.top_hessian_eigenvalue(_scale_free, c * x, iterations=300)
+        assert abs(float(plain_moved) - float(plain)) > 0.1 * abs(float(plain))
+
+
+def test_an_instance_normalised_networks_matching_loss_ignores_rescaled_images():
+    # The premise of the scaled eigenvalue: instance norm after the first convolution removes
+    # each image's scale (exactly but for the normalisation's epsilon).
+    with x64():
+        apply_fn, params, images, labels, dcfg = _bank_problem(res=4)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        images = images.astype(jnp.float64)
+        bank = synthetic_bank(params, num_experts=2, epochs=4, seed=0)
+        t = flatness.draw_trajectories(bank, jax.random.PRNGKey(1), 2, 4, dcfg)
+        lr = jnp.asarray(0.05, jnp.float64)
+        aug = augment.make_augment("none")
+        f = flatness.fixed_matching_loss(apply_fn, labels, lr, t, augment_fn=aug)
+        c = jnp.array([0.5, 2.0, 3.0, 1.5]).reshape(4, 1, 1, 1)
+        assert float(f(c * images)) == pytest.approx(float(f(images)), rel=1e-4)
+        assert float(f(-images)) != pytest.approx(float(f(images)), rel=1e-4)  # positive only
+
+
 def test_worst_case_increase_reaches_the_quadratic_maximum_and_respects_the_ball():
     with x64():
         a = jnp.diag(jnp.array([5.0, 1.0, 0.2]))
@@ -156,6 +202,9 @@ def test_measure_on_a_tiny_set_against_its_dense_hessian():
         eig = np.linalg.eigvalsh(np.asarray(dense))
         assert out["hessian_top_eig"] == pytest.approx(eig[-1], rel=1e-3)
         assert out["hessian_dominant_eig"] == pytest.approx(eig[np.argmax(np.abs(eig))], rel=1e-3)
+        d = np.asarray(flatness.per_example_scale(images)).reshape(-1)
+        scaled = np.linalg.eigvalsh(d[:, None] * np.asarray(dense) * d[None, :])[-1]
+        assert out["hessian_top_eig_scaled"] == pytest.approx(scaled, rel=1e-3)
         r = 0.01 * float(jnp.linalg.norm(images))
         assert out["radius"] == pytest.approx(r, rel=1e-9)
         g = jax.grad(held)(images)

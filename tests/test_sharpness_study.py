@@ -50,6 +50,8 @@ def test_aggregate_pairs_each_seed_with_mtt_at_the_same_seed():
     assert satm["worst_case_increase_rel"] == pytest.approx(0.2)
     md = study_lib.format_markdown({"points": [mtt, satm]}, "cmd", 1.0)
     assert "| satm_global_r0.1 | 2 | 71.75 +- 1.06 | +0.75 +- 0.35 |" in md
+    # Rows measured before a measure existed (no scaled eigenvalue here) leave its cell empty.
+    assert "hessian_top_eig_scaled" not in satm and "| 0.2 +- 0.1414 | 1 | - |" in md
 
 
 @pytest.mark.slow
