@@ -113,10 +113,6 @@ def validate_configs(configs: list[RunConfig], dataset: data_lib.Dataset) -> Non
                 f"{cfg.name}: batch_syn={cfg.distill.batch_syn} exceeds the synthetic set "
                 f"({cfg.ipc * dataset.num_classes} images)"
             )
-        try:
-            model_registry.build_model(cfg.model, dataset.num_classes)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
         configs_lib.check_eval_models(cfg.eval_models)
         check_networks_fit(cfg, cfg.eval_models, dataset.image_shape, dataset.num_classes)
         for strategy in (cfg.experts.dsa_strategy, cfg.distill.dsa_strategy, cfg.eval.dsa_strategy):
@@ -135,10 +131,14 @@ def check_networks_fit(
     the run at once instead of after the experts, the distillation or the other networks.
 
     Raises:
-      ConfigError: naming the network, the image shape and the reason.
+      ConfigError: a network that cannot be built (unknown name or norm), or one that cannot
+        take the images, naming the network, the image shape and the reason.
     """
-    nets = [("student", model_registry.build_model(cfg.model, num_classes))]
-    nets += [(name, eval_model(cfg, name, num_classes)) for name in eval_models]
+    try:
+        nets = [("student", model_registry.build_model(cfg.model, num_classes))]
+        nets += [(name, eval_model(cfg, name, num_classes)) for name in eval_models]
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     for label, model in nets:
         try:
             model_registry.abstract_variables(model, tuple(image_shape))
