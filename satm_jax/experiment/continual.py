@@ -104,8 +104,8 @@ STAGE_RUN_EVAL = dict(epochs=1, num_models=1, epochs_per_call=1)
 
 #: Where the budgets start a stage's condensation (``--syn_init``, **our choice**): herding's
 #: picks per class in the features of the stage's first expert (``satm_jax.initial_set``), not
-#: random real images. Measured on the digits smoke run (one class order, 2 networks, code
-#: 47f83a0, 2026-12-06): at 10 classes MTT 86.77 and SATM 87.19 from herding's picks against
+#: random real images. Measured on the digits smoke run (one class order, 2 networks, codes
+#: 7076d27 and 47f83a0, 2026-12-06): at 10 classes MTT 86.77 and SATM 87.19 from herding's picks against
 #: 76.32 and 75.63 with ``--syn_init=real`` (random memory 76.04, herding memory 86.91);
 #: docs/APPLICATIONS.md has both and the Fashion-MNIST run.
 STAGE_SYN_INIT = "herding"
