@@ -46,6 +46,7 @@ import time
 
 from absl import app, flags
 
+from satm_jax.matching import SECOND_ORDER, resolve_second_order
 from satm_jax.models import CONV_IMPLS, resolve_conv_impl
 from satm_jax.train import MODEL_AXES
 
@@ -74,6 +75,13 @@ flags.DEFINE_integer("truncate", None, "K for --mode=truncated (default ceil(N/3
 flags.DEFINE_integer("iters", 5, "Timed iterations after compilation.")
 flags.DEFINE_integer("steps_per_call", 1, "Outer iterations per jit call.")
 flags.DEFINE_bool("remat", True, "jax.checkpoint every differentiated inner step.")
+flags.DEFINE_enum(
+    "second_order",
+    "auto",
+    list(SECOND_ORDER),
+    "How the hypergradient differentiates the inner steps' gradients "
+    "(satm_jax.matching.SECOND_ORDER).",
+)
 flags.DEFINE_enum("conv_impl", "auto", list(CONV_IMPLS), "Convolution implementation.")
 flags.DEFINE_string("dsa_strategy", "color_crop_cutout_flip_scale_rotate", "DSA families.")
 flags.DEFINE_integer("eval_epochs", 1000, "Epochs for --mode=eval.")
@@ -108,7 +116,15 @@ def _peak_mem_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def distill_config(shape: dict, mode: str, truncate: int | None, remat: bool, spc: int, dsa: str):
+def distill_config(
+    shape: dict,
+    mode: str,
+    truncate: int | None,
+    remat: bool,
+    spc: int,
+    dsa: str,
+    second_order: str = "auto",
+):
     from satm_jax import matching
     from satm_jax.distill import DistillConfig
     from satm_jax.experiment import configs
@@ -123,6 +139,7 @@ def distill_config(shape: dict, mode: str, truncate: int | None, remat: bool, sp
         lr_img=100.0,
         batch_syn=shape["batch_syn"],
         remat=remat,
+        second_order=second_order,
         steps_per_call=spc,
         dsa_strategy=dsa,
     )
@@ -144,7 +161,13 @@ def bench_distill(shape: dict, mode: str) -> dict:
 
     c, ipc, res, ch = shape["num_classes"], shape["ipc"], shape["res"], shape["channels"]
     cfg = distill_config(
-        shape, mode, FLAGS.truncate, FLAGS.remat, FLAGS.steps_per_call, FLAGS.dsa_strategy
+        shape,
+        mode,
+        FLAGS.truncate,
+        FLAGS.remat,
+        FLAGS.steps_per_call,
+        FLAGS.dsa_strategy,
+        FLAGS.second_order,
     )
     net = models.ConvNet(
         num_classes=c, width=shape["width"], depth=shape["depth"], conv_impl=FLAGS.conv_impl
@@ -330,6 +353,7 @@ def main(argv):
             "num_devices": len(jax.devices()),
             "shape": shape,
             "remat": FLAGS.remat,
+            "second_order": resolve_second_order(FLAGS.second_order),
             "conv_impl": resolve_conv_impl(FLAGS.conv_impl),
             "steps_per_call": FLAGS.steps_per_call,
             "date": time.strftime("%Y-%m-%d"),

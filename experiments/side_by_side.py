@@ -51,6 +51,7 @@ import sys
 
 from absl import app, flags
 
+from satm_jax.matching import SECOND_ORDER
 from satm_jax.models import CONV_IMPLS
 from satm_jax.train import MODEL_AXES
 
@@ -94,6 +95,11 @@ def define_flags() -> None:
     flags.DEFINE_list(
         "conv_impl", ["auto"], f"satm-jax's convolution(s), of {', '.join(CONV_IMPLS)}."
     )
+    flags.DEFINE_list(
+        "second_order",
+        ["auto"],
+        f"satm-jax's second-derivative mode(s) for the outer step, of {', '.join(SECOND_ORDER)}.",
+    )
     flags.DEFINE_string(
         "torch_python", sys.executable, "A Python interpreter with torch and numpy."
     )
@@ -102,7 +108,9 @@ def define_flags() -> None:
     )
 
 
-def run_jax(n: int, mode: str, dsa: bool, conv_impl: str = "auto") -> float:
+def run_jax(
+    n: int, mode: str, dsa: bool, conv_impl: str = "auto", second_order: str = "auto"
+) -> float:
     """Median ms per outer iteration (or the whole evaluation, ``mode="eval"``) of
     ``experiments.bench`` in a fresh process."""
     args = [
@@ -124,6 +132,7 @@ def run_jax(n: int, mode: str, dsa: bool, conv_impl: str = "auto") -> float:
         f"--num_experts={FLAGS.num_experts}",
         f"--model_axis={FLAGS.model_axis}",
         f"--conv_impl={conv_impl}",
+        f"--second_order={second_order}",
         f"--dsa_strategy={'color_crop_cutout_flip_scale_rotate' if dsa else 'none'}",
     ]
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -188,14 +197,21 @@ def run_torch_eval(expert: bool = False) -> float:
 
 
 def summarise(rounds: list[dict]) -> list[dict]:
-    """Per (N, mode, dsa, conv_impl): medians of both sides and the ratio's median and range."""
+    """Per (N, mode, dsa, conv_impl, second_order): medians of both sides and the ratio's
+    median and range."""
     out = []
 
     def key(r):
-        return r["steps"], r["mode"], r["dsa"], r.get("conv_impl", "auto")
+        return (
+            r["steps"],
+            r["mode"],
+            r["dsa"],
+            r.get("conv_impl", "auto"),
+            r.get("second_order", "auto"),
+        )
 
-    for n, mode, dsa, conv in sorted({key(r) for r in rounds}):
-        rs = [r for r in rounds if key(r) == (n, mode, dsa, conv)]
+    for n, mode, dsa, conv, order in sorted({key(r) for r in rounds}):
+        rs = [r for r in rounds if key(r) == (n, mode, dsa, conv, order)]
         ratios = [r["mtt_ms"] / r["jax_ms"] for r in rs]
         out.append(
             {
@@ -203,6 +219,7 @@ def summarise(rounds: list[dict]) -> list[dict]:
                 "mode": mode,
                 "dsa": dsa,
                 "conv_impl": conv,
+                "second_order": order,
                 "rounds": len(rs),
                 "jax_ms": statistics.median(r["jax_ms"] for r in rs),
                 "mtt_ms": statistics.median(r["mtt_ms"] for r in rs),
@@ -214,6 +231,11 @@ def summarise(rounds: list[dict]) -> list[dict]:
     return out
 
 
+def training_path(path: str) -> bool:
+    """Whether ``--path`` times a network's training (eval, expert), not the outer step."""
+    return path in ("eval", "expert")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -221,8 +243,15 @@ def main(argv):
     unknown = [c for c in FLAGS.conv_impl if c not in CONV_IMPLS]
     if unknown:
         raise app.UsageError(f"--conv_impl: unknown {unknown}; choose from {list(CONV_IMPLS)}")
+    unknown = [c for c in FLAGS.second_order if c not in SECOND_ORDER]
+    if unknown:
+        raise app.UsageError(f"--second_order: unknown {unknown}; choose from {list(SECOND_ORDER)}")
+    # satm-jax's settings timed in every round: each convolution, each second-order mode (the
+    # latter only matters for the outer step).
+    orders = ["auto"] if training_path(FLAGS.path) else FLAGS.second_order
+    settings = [(c, o) for c in FLAGS.conv_impl for o in orders]
     rounds = []
-    training = FLAGS.path in ("eval", "expert")  # a network's training, not the outer step
+    training = training_path(FLAGS.path)
     try:
         for n in [0] if training else [int(s) for s in FLAGS.steps]:
             for k in range(FLAGS.rounds):
@@ -232,14 +261,15 @@ def main(argv):
                     mtt = run_torch(n)
                 for mode in [FLAGS.path] if training else FLAGS.mode:
                     for dsa in dsas:
-                        for conv in FLAGS.conv_impl:
+                        for conv, order in settings:
                             rec = {
                                 "round": k,
                                 "steps": n,
                                 "mode": mode,
                                 "dsa": "on" if dsa else "off",
                                 "conv_impl": conv,
-                                "jax_ms": run_jax(n, mode, dsa, conv),
+                                "second_order": order,
+                                "jax_ms": run_jax(n, mode, dsa, conv, order),
                                 "mtt_ms": mtt,
                             }
                             print(json.dumps(rec), flush=True)

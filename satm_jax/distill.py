@@ -118,7 +118,12 @@ class DistillConfig:
       ema_decay: EMA of the synthetic images (FTD), evaluated instead of the raw images;
         ``None`` disables it (``0`` keeps an EMA equal to the raw images).
       dsa_strategy: DSA families for the inner steps (``"none"`` disables).
-      remat: ``jax.checkpoint`` each differentiated inner step.
+      remat: ``jax.checkpoint`` each differentiated inner step (``second_order="reverse"``).
+      second_order: how the hypergradient differentiates the inner steps' gradients,
+        ``satm_jax.matching.SECOND_ORDER``: ``"reverse"`` (JAX's reverse-over-reverse),
+        ``"forward"`` (ours: a custom VJP of the unroll with forward-over-reverse
+        Hessian-vector products) or ``"auto"`` (forward on the CPU, reverse elsewhere). The
+        same gradient to rounding; only the speed and memory differ.
       steps_per_call: outer iterations per jit call.
       data_parallel: split each inner minibatch across all devices (see ``make_outer_step``).
       max_consecutive_nonfinite: stop after this many non-finite iterations in a row.
@@ -163,6 +168,7 @@ class DistillConfig:
     ema_decay: float | None = None
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     remat: bool = True
+    second_order: str = "auto"
     steps_per_call: int = 10
     data_parallel: bool = False
     max_consecutive_nonfinite: int = 20
@@ -196,6 +202,7 @@ class DistillConfig:
             ("lr_space", LR_SPACES),
             ("lr_init", LR_INITS),
             ("init", SYN_INITS),
+            ("second_order", matching.SECOND_ORDER),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -592,7 +599,7 @@ def make_passes(
     """
     n_pre = matching.num_prefix_steps(cfg.syn_steps, cfg.truncation)
     soft = cfg.soft_labels
-    kw = dict(augment_fn=augment_fn, remat=cfg.remat)
+    kw = dict(augment_fn=augment_fn, remat=cfg.remat, second_order=cfg.second_order)
     window = cfg.lr_update == "first_order_window"
 
     def passes(state: DistillState, sample: IterationSample):

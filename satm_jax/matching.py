@@ -153,6 +153,25 @@ def normalized_distance(params: Params, start: Params, target: Params) -> Array:
     return tree_sq_dist(params, target) / tree_sq_dist(start, target)
 
 
+def step_loss(
+    apply_fn: ApplyFn,
+    params: Params,
+    images: Array,
+    labels: Array,
+    indices: Array,
+    weights: Array | None,
+    key: Array,
+    augment_fn: AugmentFn = _identity_augment,
+) -> Array:
+    """The inner step's loss: cross-entropy on the augmented minibatch ``images[indices]``
+    (weighted mean where ``weights`` marks padding)."""
+    ce = cross_entropy(apply_fn(params, augment_fn(key, images[indices])), labels[indices])
+    if weights is None:
+        return jnp.mean(ce)
+    w = weights.astype(ce.dtype)
+    return jnp.sum(w * ce) / jnp.sum(w)
+
+
 def student_step(
     apply_fn: ApplyFn,
     params: Params,
@@ -165,19 +184,33 @@ def student_step(
     augment_fn: AugmentFn = _identity_augment,
 ) -> tuple[Params, Params]:
     """One inner SGD step on a synthetic minibatch; returns ``(new_params, gradient)``."""
-    x = augment_fn(key, images[indices])
-    y = labels[indices]
-
-    def loss(p):
-        ce = cross_entropy(apply_fn(p, x), y)
-        if weights is None:
-            return jnp.mean(ce)
-        w = weights.astype(ce.dtype)
-        return jnp.sum(w * ce) / jnp.sum(w)
-
-    g = jax.grad(loss)(params)
+    g = jax.grad(step_loss, argnums=1)(
+        apply_fn, params, images, labels, indices, weights, key, augment_fn
+    )
     new = jax.tree.map(lambda p, gi: p - syn_lr.astype(p.dtype) * gi, params, g)
     return new, g
+
+
+# How the hypergradient differentiates each inner step's gradient (the second derivative):
+# "reverse": JAX's reverse mode through the scan (reverse-over-reverse, each step under
+# ``jax.checkpoint`` when ``remat``); "forward": our custom VJP of the unroll, which computes
+# each step's Hessian-vector products forward-over-reverse (``_unroll_forward_over_reverse``);
+# "auto": "forward" on the CPU, where it was measured faster (docs/PERFORMANCE.md), "reverse"
+# elsewhere (not measured on accelerators).
+SECOND_ORDER = ("auto", "reverse", "forward")
+
+
+def resolve_second_order(mode: str) -> str:
+    """``"reverse"`` or ``"forward"`` for ``mode`` (``"auto"`` by the default backend).
+
+    Raises:
+      ValueError: an unknown mode.
+    """
+    if mode not in SECOND_ORDER:
+        raise ValueError(f"second_order must be one of {SECOND_ORDER}, got {mode!r}")
+    if mode == "auto":
+        return "forward" if jax.default_backend() == "cpu" else "reverse"
+    return mode
 
 
 def unroll(
@@ -191,6 +224,7 @@ def unroll(
     augment_fn: AugmentFn = _identity_augment,
     remat: bool = True,
     grad_sum: Params | None = None,
+    second_order: str = "reverse",
 ) -> tuple[Params, Params | None]:
     """Runs the student for ``batches.num_steps`` SGD steps with ``jax.lax.scan``.
 
@@ -206,12 +240,22 @@ def unroll(
         parameters at each step.
       grad_sum: if given, ``sum_n g_n`` is accumulated onto it and returned (for the
         first-order step-size gradient); otherwise ``None`` is returned in its place.
+      second_order: ``SECOND_ORDER``: how a gradient through the unroll differentiates the
+        steps' gradients. The values and gradients are the same (to rounding); ``"forward"``
+        stores only the parameters of each step (``remat`` does not apply) and does not support
+        forward-mode differentiation (``jax.jvp``) of the unroll.
 
     Returns:
       ``(theta_N, grad_sum)``.
     """
     syn_lr = jnp.asarray(syn_lr)
     track = grad_sum is not None
+    if batches.num_steps == 0:
+        return params, grad_sum
+    if resolve_second_order(second_order) == "forward":
+        return _unroll_forward_over_reverse(
+            apply_fn, params, images, labels, syn_lr, batches, augment_fn, grad_sum
+        )
 
     def body(carry, inp):
         p, gs = carry
@@ -232,12 +276,99 @@ def unroll(
         if batches.weights is None
         else (batches.indices, batches.weights, batches.keys)
     )
-    if batches.num_steps == 0:
-        return params, grad_sum
     (params, grad_sum), _ = jax.lax.scan(
         body, (params, grad_sum if track else 0.0), xs, unroll=_SCAN_UNROLL.get()
     )
     return params, grad_sum if track else None
+
+
+def _unroll_forward_over_reverse(
+    apply_fn: ApplyFn,
+    params: Params,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    batches: StudentBatches,
+    augment_fn: AugmentFn,
+    grad_sum: Params | None,
+) -> tuple[Params, Params | None]:
+    """``unroll`` with a custom VJP whose second derivatives run forward-over-reverse.
+
+    The forward pass stores ``theta_n`` of every step. With ``g_n = grad_theta l_n(theta_n, X,
+    Y)`` and ``theta_{n+1} = theta_n - alpha g_n``, the backward pass walks the steps in
+    reverse with the cotangent ``lambda`` of ``theta_{n+1}`` (and ``mu`` of ``grad_sum``):
+    ``v = -alpha lambda + mu``, then one ``jax.jvp`` of ``grad_{theta, X, Y} l_n`` at
+    ``theta_n`` along ``(v, 0, 0)`` gives ``(H_tt v, H_Xt v, H_Yt v)`` (the Hessian's
+    symmetry makes these the VJPs the chain rule needs); ``lambda += H_tt v``, ``X_bar +=
+    H_Xt v``, ``Y_bar += H_Yt v`` (float labels only), ``alpha_bar -= <g_n, lambda>``. Same
+    result as JAX's reverse-over-reverse to rounding (tested in float64); it replaces the
+    transpose of each step's linearised gradient by its forward derivative.
+    """
+    track = grad_sum is not None
+    diff_labels = jnp.issubdtype(labels.dtype, jnp.inexact)
+    has_w = batches.weights is not None
+
+    def scan_inputs(b: StudentBatches) -> tuple[Array, ...]:
+        return (b.indices, b.weights, b.keys) if has_w else (b.indices, b.keys)
+
+    def unpack(inp: tuple[Array, ...]) -> tuple[Array, Array | None, Array]:
+        return inp if has_w else (inp[0], None, inp[1])
+
+    def forward(params, images, labels, syn_lr, gs, batches):
+        def body(carry, inp):
+            p, s = carry
+            idx, w, key = unpack(inp)
+            new, g = student_step(apply_fn, p, images, labels, syn_lr, idx, w, key, augment_fn)
+            return (new, otu.tree_add(s, g) if track else s), (p, g)
+
+        (final, gs), thetas = jax.lax.scan(
+            body, (params, gs if track else 0.0), scan_inputs(batches), unroll=_SCAN_UNROLL.get()
+        )
+        return (final, gs if track else None), thetas
+
+    @jax.custom_vjp
+    def run(params, images, labels, syn_lr, gs, batches):
+        return forward(params, images, labels, syn_lr, gs, batches)[0]
+
+    def run_fwd(params, images, labels, syn_lr, gs, batches):
+        out, thetas = forward(params, images, labels, syn_lr, gs, batches)
+        return out, (thetas, images, labels, syn_lr, batches)
+
+    def run_bwd(res, ct):
+        thetas, images, labels, syn_lr, batches = res
+        lam, mu = ct
+        argnums = (1, 2, 3) if diff_labels else (1, 2)
+
+        def body(carry, inp):
+            lam, x_bar, y_bar, a_bar = carry
+            (theta, g_theta), (idx, w, key) = inp[0], unpack(inp[1:])
+            v = jax.tree.map(lambda c: -syn_lr.astype(c.dtype) * c, lam)
+            if track:
+                v = otu.tree_add(v, mu)
+
+            def grads(p):
+                return jax.grad(step_loss, argnums=argnums)(
+                    apply_fn, p, images, labels, idx, w, key, augment_fn
+                )
+
+            t = jax.jvp(grads, (theta,), (v,))[1]
+            a_bar = a_bar - otu.tree_vdot(g_theta, lam).astype(a_bar.dtype)
+            y_bar = y_bar + t[2] if diff_labels else y_bar
+            return (otu.tree_add(lam, t[0]), x_bar + t[1], y_bar, a_bar), None
+
+        init = (
+            lam,
+            jnp.zeros_like(images),
+            jnp.zeros_like(labels) if diff_labels else 0.0,
+            jnp.zeros_like(syn_lr),
+        )
+        (lam, x_bar, y_bar, a_bar), _ = jax.lax.scan(
+            body, init, (thetas, *scan_inputs(batches)), reverse=True, unroll=_SCAN_UNROLL.get()
+        )
+        return lam, x_bar, y_bar if diff_labels else None, a_bar, mu if track else None, None
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(params, images, labels, syn_lr, grad_sum, batches)
 
 
 class Prefix(NamedTuple):
@@ -295,6 +426,7 @@ def suffix_loss(
     augment_fn: AugmentFn = _identity_augment,
     remat: bool = True,
     window_grad_sum: bool = False,
+    second_order: str = "reverse",
 ) -> tuple[Array, SuffixAux]:
     """The last ``K`` steps from ``prefix`` and the normalised loss; differentiable in X, alpha.
 
@@ -312,6 +444,7 @@ def suffix_loss(
         augment_fn=augment_fn,
         remat=remat,
         grad_sum=otu.tree_zeros_like(prefix.grad_sum) if window_grad_sum else prefix.grad_sum,
+        second_order=second_order,
     )
     loss = normalized_distance(final, start, target)
     return loss, SuffixAux(final, grad_sum)
@@ -352,11 +485,13 @@ def matching_loss(
     truncate: int | None = None,
     augment_fn: AugmentFn = _identity_augment,
     remat: bool = True,
+    second_order: str = "reverse",
 ) -> Array:
     """The matching loss ``L(X, alpha)``, differentiable with the chosen hypergradient.
 
     Its value does not depend on ``truncate``; its gradient does: only the last ``truncate``
     inner steps are differentiated (``None``: all of them, the exact hypergradient).
+    ``second_order`` (``SECOND_ORDER``) chooses how, not what: see ``unroll``.
     """
     n_pre = num_prefix_steps(batches.num_steps, truncate)
     prefix = run_prefix(
@@ -374,6 +509,7 @@ def matching_loss(
         n_pre,
         augment_fn=augment_fn,
         remat=remat,
+        second_order=second_order,
     )
     return loss
 

@@ -321,3 +321,31 @@ def test_sharpness_metrics_measure_the_perturbation_and_its_loss_increase():
     assert "eps_norm" not in m and "sharpness" not in m
     with pytest.raises(ValueError, match="rho_ball"):
         dataclasses.replace(cfg, sharpness="none", rho_ball="per_example").validate()
+
+
+@pytest.mark.parametrize("method", ["mtt", "satm"])
+def test_second_order_reaches_the_unroll_and_both_modes_give_the_same_update(method, monkeypatch):
+    from satm_jax import augment
+    from satm_jax.experiment import configs
+
+    calls = []
+    custom = matching._unroll_forward_over_reverse
+    monkeypatch.setattr(
+        matching,
+        "_unroll_forward_over_reverse",
+        lambda *a, **k: calls.append(1) or custom(*a, **k),
+    )
+    cfg, apply_fn, bank, x, y = distill_problem()
+    cfg = dataclasses.replace(cfg, **configs.method_settings(method, N, rho=0.05))
+    out = {}
+    for mode in ("reverse", "forward"):
+        c = dataclasses.replace(cfg, second_order=mode)
+        state = distill.init_state(c, x, y)
+        step = distill.make_outer_step(apply_fn, augment.make_augment(c.dsa_strategy), c)
+        calls.clear()
+        out[mode] = jax.jit(step)(state, bank)[0]
+        assert bool(calls) == (mode == "forward")
+    tree_allclose(out["forward"].images, out["reverse"].images, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["forward"].syn_lr, out["reverse"].syn_lr, rtol=1e-5)
+    with pytest.raises(ValueError, match="second_order"):
+        dataclasses.replace(cfg, second_order="sideways").validate()

@@ -267,3 +267,55 @@ def test_bad_truncation_is_refused():
 
 def test_default_truncation_is_ceil_n_over_three_and_at_least_one():
     assert [matching.default_truncation(n) for n in (1, 2, 3, 4, 20, 50)] == [1, 1, 1, 2, 7, 17]
+
+
+@pytest.mark.parametrize(
+    "soft_labels, batch_syn, track, truncate",
+    [(False, None, False, None), (True, 3, True, 2)],
+    ids=["hard-full-exact", "soft-minibatch-gradsum-truncated"],
+)
+def test_forward_over_reverse_gives_the_reverse_over_reverse_gradients_float64(
+    soft_labels, batch_syn, track, truncate
+):
+    """``second_order="forward"`` (custom VJP) against JAX's reverse mode through the scan:
+    the gradients in the images, the step size, float labels, the start parameters and the
+    gradient sum's input, with DSA, padded minibatches and truncation."""
+    with x64():
+        apply_fn, start, target, images, labels, batches = _setup(
+            jnp.float64, n_steps=4, batch_syn=batch_syn, n=5
+        )
+        if soft_labels:
+            labels = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (5, 2), jnp.float64))
+        aug = augment.make_augment("color_crop_cutout_flip_scale_rotate")
+        n_pre = matching.num_prefix_steps(batches.num_steps, truncate)
+
+        def loss(second_order, x, a, y, p0, gs0):
+            prefix = matching.run_prefix(apply_fn, p0, x, y, a, batches, n_pre, augment_fn=aug)
+            if track:  # a differentiable grad_sum input, and the sum in the loss
+                prefix = prefix._replace(grad_sum=gs0)
+            value, aux = matching.suffix_loss(
+                apply_fn, x, y, a, prefix, start, target, batches, n_pre,
+                augment_fn=aug, second_order=second_order, window_grad_sum=not track,
+            )  # fmt: skip
+            return value + 0.1 * matching.tree_sq_dist(aux.grad_sum, target)
+
+        a = jnp.asarray(0.05, jnp.float64)
+        gs0 = jax.tree.map(lambda p: 0.1 * p, start)
+        argnums = (1, 2, 3, 4, 5) if soft_labels else (1, 2, 4, 5)
+        grads = {
+            mode: jax.value_and_grad(loss, argnums=argnums)(mode, images, a, labels, start, gs0)
+            for mode in ("reverse", "forward")
+        }
+        (v_r, g_r), (v_f, g_f) = grads["reverse"], grads["forward"]
+        assert float(v_r) == float(v_f)
+        assert float(jnp.max(jnp.abs(g_r[0]))) > 0  # the image gradient is not trivially zero
+        tree_allclose(g_f, g_r, rtol=1e-9, atol=1e-13)
+
+
+def test_second_order_modes_are_checked_and_auto_is_forward_on_the_cpu():
+    assert matching.resolve_second_order("auto") == (
+        "forward" if jax.default_backend() == "cpu" else "reverse"
+    )
+    assert matching.resolve_second_order("reverse") == "reverse"
+    with pytest.raises(ValueError, match="second_order must be one of"):
+        matching.resolve_second_order("backward")

@@ -18,7 +18,7 @@ def _module(name, *args, timeout=600, check=True):
 
 
 @pytest.mark.slow
-def test_side_by_side_times_each_convolution_in_the_same_rounds(tmp_path):
+def test_side_by_side_times_each_convolution_and_second_order_in_the_same_rounds(tmp_path):
     fake = tmp_path / "fake_python"
     fake.write_text("#!/bin/sh\necho 'mtt steps=2 median_iter=500.0ms'\n")
     fake.chmod(0o755)
@@ -35,15 +35,19 @@ def test_side_by_side_times_each_convolution_in_the_same_rounds(tmp_path):
         "--rounds=1",
         "--dsa=off",
         "--conv_impl=patches,winograd",
+        "--second_order=reverse,forward",
     )
     recs = _json_lines(r.stdout)
     rows = [x for x in recs if "summary" not in x]
     sums = [x["summary"] for x in recs if "summary" in x]
-    assert [x["conv_impl"] for x in rows] == ["patches", "winograd"]
+    settings = [(c, o) for c in ("patches", "winograd") for o in ("reverse", "forward")]
+    assert [(x["conv_impl"], x["second_order"]) for x in rows] == settings
     assert all(x["mtt_ms"] == 500.0 and x["jax_ms"] > 0 for x in rows)
-    assert sorted(s["conv_impl"] for s in sums) == ["patches", "winograd"]
+    assert sorted((s["conv_impl"], s["second_order"]) for s in sums) == sorted(settings)
     bad = _module("side_by_side", f"--mtt_dir={tmp_path}", "--conv_impl=cudnn", check=False)
     assert bad.returncode != 0 and "--conv_impl" in bad.stderr
+    bad = _module("side_by_side", f"--mtt_dir={tmp_path}", "--second_order=up", check=False)
+    assert bad.returncode != 0 and "--second_order" in bad.stderr
 
 
 def _json_lines(text):
@@ -74,6 +78,7 @@ def test_bench_prints_one_record_per_mode():
         assert x["ms_per_iter"] > 0 and x["peak_mem_gib"] > 0
         assert x["backend"] == "cpu" and x["shape"]["num_classes"] == 2
         assert x["conv_impl"] == "winograd"  # what --conv_impl=auto means on the CPU
+        assert x["second_order"] == "forward"  # what --second_order=auto means on the CPU
     for x in recs[:3]:  # --profile: XLA's operations, by kind, with positive times
         assert x["op_ms"] and all(v >= 0 for v in x["op_ms"].values())
         assert not any(k.startswith(("Thunk", "$")) for k in x["op_ms"])

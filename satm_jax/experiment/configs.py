@@ -48,7 +48,12 @@ class ConfigError(ValueError):
 # Fields added after run folders existed, with the value every earlier run implied: a config
 # holding that value omits the field, so finished and checkpointed runs of earlier versions are
 # still reused and resumed (the dataclass default restores it when a config is read back).
-ADDED_FIELDS: dict[tuple[str, str], Any] = {("distill", "init"): "real"}
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("distill", "init"): "real",
+    # Earlier runs differentiated reverse-over-reverse: the same gradient to rounding as
+    # "auto", so their folders are reused as "auto" runs.
+    ("distill", "second_order"): "auto",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,6 +491,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "ema_decay": ("distill", "ema_decay"),
     "steps_per_call": ("distill", "steps_per_call"),
     "remat": ("distill", "remat"),
+    "second_order": ("distill", "second_order"),
     "data_parallel": ("distill", "data_parallel"),
     "seed": ("distill", "seed"),
     # evaluation
@@ -524,6 +530,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "syn_init": distill.SYN_INITS,
     "lr_update": distill.LR_UPDATES,
     "hypergrad": distill.HYPERGRADS,
+    "second_order": matching.SECOND_ORDER,
     "sharpness": sharpness.SHARPNESS,
     "rho_ball": sharpness.BALLS,
     "rho_scale": sharpness.RADII,
