@@ -25,6 +25,9 @@ bench 120 --config=tiny-ipc10 --mode=exact,satm
 bench 90 --config=tiny-ipc50 --mode=exact --iters=3
 bench 90 --config=in1k-ipc1 --mode=exact --iters=3
 bench 60 --config=c10-ipc10 --mode=exact --steps_per_call=10
+# The second-derivative mode: `auto` is reverse-over-reverse on a GPU; forward-over-reverse is
+# the CPU's default (docs/PERFORMANCE.md) and unmeasured here.
+bench 90 --config=c10-ipc10 --mode=exact,satm --second_order=forward
 bench 60 --config=c10-ipc10 --mode=eval --eval_epochs=1000
 bench 60 --config=c10-ipc10 --ipc=50 --mode=eval --eval_epochs=1000
 timeout 90 python3 -m experiments.precision_check --config=c10-ipc10 2>>"$OUT/bench.err" | tee "$OUT/precision.jsonl"

@@ -696,7 +696,9 @@ def run_distillation(
     of ``steps_per_call``, ``eval_every`` and ``checkpoint_every``, so a resumed run executes the
     same chunks as an uninterrupted one. ``eval_fn(state)`` runs at multiples of
     ``eval_every`` (and at the end); ``checkpoint_fn(state)`` at multiples of
-    ``checkpoint_every``; ``metrics_fn(iteration, metrics)`` once per iteration.
+    ``checkpoint_every``; ``metrics_fn(iteration, metrics)`` once per iteration, the metrics
+    with ``wall_s``: the iteration's share of its chunk's wall time (compilation included), so
+    that the kept lines of a resumed run sum to its distillation time.
 
     Raises:
       DistillError: ``cfg.max_consecutive_nonfinite`` non-finite iterations in a row.
@@ -712,10 +714,13 @@ def run_distillation(
         length = stop - it
         if length not in compiled:
             compiled[length] = make_multi_step(outer_step, length)
+        t_chunk = time.time()
         state, metrics = compiled[length](state, bank)
         host = jax.tree.map(np.asarray, metrics)
+        per_iteration = (time.time() - t_chunk) / length
         for j in range(length):
             m = {k: float(v[j]) for k, v in host.items()}
+            m["wall_s"] = per_iteration
             if metrics_fn is not None:
                 metrics_fn(it + j + 1, m)
         skipped = int(length - host["finite"].sum())

@@ -64,6 +64,15 @@ def test_sigkill_then_rerun_resumes_and_gives_the_same_set_bit_for_bit(tmp_path)
     killed_at = max(_steps(wd_b))
     assert 15 <= killed_at < 60, f"the run was not interrupted mid-way ({killed_at})"
     assert not os.path.exists(os.path.join(wd_b, "runs", "digits_ipc1_satm", "distilled.npz"))
+    # Mark the first session's time: its kept metrics lines say 100 s per iteration.
+    mpath = os.path.join(wd_b, "runs", "digits_ipc1_satm", "metrics.jsonl")
+    marked = []
+    for line in read_text(mpath).splitlines():
+        rec = json.loads(line)
+        if "wall_s" in rec and rec["iteration"] <= killed_at:
+            rec["wall_s"] = 100.0
+        marked.append(json.dumps(rec) + "\n")
+    Path(mpath).write_text("".join(marked))
 
     r = _run(wd_b)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -80,6 +89,12 @@ def test_sigkill_then_rerun_resumes_and_gives_the_same_set_bit_for_bit(tmp_path)
     ]
     its = [x["iteration"] for x in recs if "loss" in x]
     assert its == list(range(1, 61))  # no gaps or duplicates across the restart
+    # The reported distillation time covers both sessions: the sum of the kept lines' wall_s.
+    walls = [x["wall_s"] for x in recs if "loss" in x]
+    assert all(w > 0 for w in walls)
+    (row,) = json.loads(read_text(os.path.join(wd_b, "results.json")))["results"]
+    assert row["distill_s"] == pytest.approx(sum(walls), abs=0.1)
+    assert row["distill_s"] > 100.0 * killed_at  # the first session's (marked) lines count
 
 
 def _state(seed=0):

@@ -613,7 +613,10 @@ def distill_and_evaluate(
     )
     ckpt.save(state)
     metrics_log.close()
-    distill_s = time.time() - t0
+    # The distillation's wall time over every session of a resumed run (its kept metrics
+    # lines); runs written before the lines carried ``wall_s`` fall back to this session's.
+    walls = [r["wall_s"] for r in outputs_lib.read_metrics(rundir) if "wall_s" in r]
+    distill_s = sum(walls) if walls else time.time() - t0
     images, labels = final_set(cfg, state)
     report = run_convergence(rundir, images0, state.images)
     jsonio.write_json(os.path.join(rundir, "convergence.json"), report)
