@@ -175,6 +175,14 @@ class InstanceNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if x.shape[1] * x.shape[2] == 1:
+            # (x - mean) is 0 at a single position: the layer would output its shift alone and
+            # the network's output would not depend on its input (a silent 1/classes accuracy).
+            raise ValueError(
+                "instance norm over a 1x1 feature map outputs a constant (the images are too "
+                "small for this network's downsampling; use a batch-norm variant or larger "
+                "images)"
+            )
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))

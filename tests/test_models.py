@@ -104,6 +104,13 @@ def test_instance_norm_matches_a_numpy_groupnorm():
     np.testing.assert_allclose(y, (x - m) / np.sqrt(v + 1e-5), rtol=1e-4, atol=1e-5)
 
 
+def test_instance_norm_refuses_a_1x1_map_where_it_would_output_a_constant():
+    params = {"params": {"scale": jnp.ones(2), "bias": jnp.zeros(2)}}
+    with pytest.raises(ValueError, match="1x1 feature map"):
+        models.InstanceNorm().apply(params, jnp.ones((3, 1, 1, 2)))
+    assert models.InstanceNorm().apply(params, jnp.ones((3, 1, 2, 2))).shape == (3, 1, 2, 2)
+
+
 @pytest.mark.slow
 def test_any_number_of_input_channels_and_odd_sizes():
     for c in (1, 2, 4):

@@ -205,12 +205,17 @@ def test_a_network_too_deep_for_the_images_stops_before_any_training(tmp_path, d
     from satm_jax import evaluate as evaluate_lib
 
     # VGG-11's five poolings leave nothing of digits' 8x8 images: stopped at validation,
-    # before the experts, naming the network and the shape; ResNet-18 and AlexNet fit.
+    # before the experts, naming the network and the shape. ResNet-18 with instance norm
+    # reaches a 1x1 map, where instance norm outputs a constant (it trained to exactly
+    # 1/classes before this check): stopped too. Its batch-norm variant and AlexNet fit.
     deep = configs.make_run_config("digits", 1, "mtt", overrides={"eval_models": ("vgg11",)})
     with pytest.raises(configs.ConfigError, match=r"vgg11 network cannot take \(8, 8, 1\) images"):
         pipeline.validate_configs([deep], digits)
+    flat = configs.make_run_config("digits", 1, "mtt", overrides={"eval_models": ("resnet18",)})
+    with pytest.raises(configs.ConfigError, match=r"resnet18 network cannot take.*1x1 feature map"):
+        pipeline.validate_configs([flat], digits)
     fits = configs.make_run_config(
-        "digits", 1, "mtt", overrides={"eval_models": ("convnet", "resnet18", "alexnet")}
+        "digits", 1, "mtt", overrides={"eval_models": ("convnet", "resnet18_bn", "alexnet")}
     )
     pipeline.validate_configs([fits], digits)
     # A saved set evaluated again on a network that does not fit: refused before the

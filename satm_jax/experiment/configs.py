@@ -161,13 +161,13 @@ def _digits_preset(ipc: int) -> Preset:
     ConvNet width 64, depth 2; 10 experts x 12 epochs; N = 20, M = 2, T+ = 6; 400 (IPC 1) or
     200 (IPC 10) iterations with MTT's SGD settings; 5 evaluation networks x 300 epochs.
 
-    Command, wall time and accuracy (README, 2-core AMD EPYC, JAX 0.10.2, 2026-12-06, code
-    f1aeb5d; the whole pipeline, experts and both IPCs included, 10 min 11 s on cores shared
-    with another run, 4 min 46 s on quiet cores at the 2026-11-28 code)::
+    Command, wall time and accuracy (README, 2-core AMD EPYC, JAX 0.10.2, 2026-12-07, code
+    94a547c; the whole pipeline, experts and both IPCs included, 7 min 27 s on cores shared
+    with a low-priority study, 4 min 46 s on quiet cores at the 2026-11-28 code)::
 
         python -m experiments.run
 
-    IPC 1: MTT 92.09 +- 0.65, SATM 92.26 +- 0.78; IPC 10: MTT 96.16 +- 0.41, SATM 95.99 +- 0.42
+    IPC 1: MTT 92.20 +- 0.79, SATM 92.37 +- 0.82; IPC 10: MTT 96.10 +- 0.35, SATM 96.04 +- 0.32
     (5 networks); random real images 61.89 / 94.99. Over 3 seeds: MTT 92.18 / 95.88, SATM
     92.31 / 95.52 (docs/ABLATIONS.md, "SATM's step-size update").
     """
