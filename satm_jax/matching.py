@@ -19,6 +19,10 @@ the network). This module offers:
 * exact mode (``truncate=None`` or ``truncate == N``): differentiate all ``N`` steps (MTT).
 * truncated mode (TUH, SATM): run all ``N`` steps forward but stop the gradient at
   ``theta_{N-K}``, so only the last ``K`` steps are differentiated. ``K = N`` is exact.
+* ``second_order``: how the steps' gradients are differentiated, JAX's reverse mode through
+  the scan (``"reverse"``) or our custom VJP with forward-over-reverse Hessian-vector products
+  (``"forward"``, the CPU's default through ``DistillConfig.second_order="auto"``); the same
+  gradients either way.
 * ``run_prefix``/``suffix_loss``: the two halves of a truncated unroll, so a second pass (SATM's
   sharpness-aware pass with trajectory reusing) can restart from the first pass's
   ``theta_{N-K}`` with the same minibatches and keys.
@@ -242,8 +246,9 @@ def unroll(
         first-order step-size gradient); otherwise ``None`` is returned in its place.
       second_order: ``SECOND_ORDER``: how a gradient through the unroll differentiates the
         steps' gradients. The values and gradients are the same (to rounding); ``"forward"``
-        stores only the parameters of each step (``remat`` does not apply) and does not support
-        forward-mode differentiation (``jax.jvp``) of the unroll.
+        stores the parameters and the gradient of each step and no activations (``remat``
+        does not apply), and does not support forward-mode differentiation (``jax.jvp``) of
+        the unroll.
 
     Returns:
       ``(theta_N, grad_sum)``.
