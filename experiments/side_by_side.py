@@ -248,10 +248,10 @@ def main(argv):
         raise app.UsageError(f"--second_order: unknown {unknown}; choose from {list(SECOND_ORDER)}")
     # satm-jax's settings timed in every round: each convolution, each second-order mode (the
     # latter only matters for the outer step).
-    orders = ["auto"] if training_path(FLAGS.path) else FLAGS.second_order
+    training = training_path(FLAGS.path)
+    orders = ["auto"] if training else FLAGS.second_order
     settings = [(c, o) for c in FLAGS.conv_impl for o in orders]
     rounds = []
-    training = training_path(FLAGS.path)
     try:
         for n in [0] if training else [int(s) for s in FLAGS.steps]:
             for k in range(FLAGS.rounds):

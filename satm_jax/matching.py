@@ -113,6 +113,17 @@ class StudentBatches(NamedTuple):
         w = None if self.weights is None else self.weights[start:stop]
         return StudentBatches(self.indices[start:stop], w, self.keys[start:stop])
 
+    def scan_inputs(self) -> tuple[Array, ...]:
+        """The per-step arrays as ``lax.scan`` inputs (``weights`` only where present)."""
+        if self.weights is None:
+            return (self.indices, self.keys)
+        return (self.indices, self.weights, self.keys)
+
+    @staticmethod
+    def unpack(inp: tuple[Array, ...]) -> tuple[Array, Array | None, Array]:
+        """One step's ``(indices, weights or None, key)`` from a slice of ``scan_inputs``."""
+        return inp if len(inp) == 3 else (inp[0], None, inp[1])
+
 
 def sample_student_batches(
     key: Array, num_syn: int, batch_syn: int | None, num_steps: int
@@ -254,37 +265,51 @@ def unroll(
       ``(theta_N, grad_sum)``.
     """
     syn_lr = jnp.asarray(syn_lr)
-    track = grad_sum is not None
     if batches.num_steps == 0:
         return params, grad_sum
     if resolve_second_order(second_order) == "forward":
         return _unroll_forward_over_reverse(
             apply_fn, params, images, labels, syn_lr, batches, augment_fn, grad_sum
         )
+    return _sgd_scan(
+        apply_fn, params, images, labels, syn_lr, batches, augment_fn, grad_sum, remat=remat
+    )[0]
+
+
+def _sgd_scan(
+    apply_fn: ApplyFn,
+    params: Params,
+    images: Array,
+    labels: Array,
+    syn_lr: Array,
+    batches: StudentBatches,
+    augment_fn: AugmentFn,
+    grad_sum: Params | None,
+    *,
+    remat: bool = False,
+    keep_steps: bool = False,
+) -> tuple[tuple[Params, Params | None], Any]:
+    """The student's SGD steps as one ``lax.scan``: ``((theta_N, grad_sum), steps)``, where
+    ``steps`` stacks every step's ``(theta_n, g_n)`` with ``keep_steps`` (else ``None``)."""
+    track = grad_sum is not None
 
     def body(carry, inp):
         p, gs = carry
-        if batches.weights is None:
-            idx, key = inp
-            w = None
-        else:
-            idx, w, key = inp
-        p, g = student_step(apply_fn, p, images, labels, syn_lr, idx, w, key, augment_fn)
+        idx, w, key = StudentBatches.unpack(inp)
+        new, g = student_step(apply_fn, p, images, labels, syn_lr, idx, w, key, augment_fn)
         if track:
             gs = otu.tree_add(gs, g)
-        return (p, gs), None
+        return (new, gs), ((p, g) if keep_steps else None)
 
     if remat:
         body = jax.checkpoint(body)
-    xs = (
-        (batches.indices, batches.keys)
-        if batches.weights is None
-        else (batches.indices, batches.weights, batches.keys)
+    (final, gs), steps = jax.lax.scan(
+        body,
+        (params, grad_sum if track else 0.0),
+        batches.scan_inputs(),
+        unroll=_SCAN_UNROLL.get(),
     )
-    (params, grad_sum), _ = jax.lax.scan(
-        body, (params, grad_sum if track else 0.0), xs, unroll=_SCAN_UNROLL.get()
-    )
-    return params, grad_sum if track else None
+    return (final, gs if track else None), steps
 
 
 def _unroll_forward_over_reverse(
@@ -299,8 +324,8 @@ def _unroll_forward_over_reverse(
 ) -> tuple[Params, Params | None]:
     """``unroll`` with a custom VJP whose second derivatives run forward-over-reverse.
 
-    The forward pass stores ``theta_n`` of every step. With ``g_n = grad_theta l_n(theta_n, X,
-    Y)`` and ``theta_{n+1} = theta_n - alpha g_n``, the backward pass walks the steps in
+    The forward pass stores ``theta_n`` and ``g_n`` of every step. With ``g_n = grad_theta
+    l_n(theta_n, X, Y)`` and ``theta_{n+1} = theta_n - alpha g_n``, the backward pass walks the steps in
     reverse with the cotangent ``lambda`` of ``theta_{n+1}`` (and ``mu`` of ``grad_sum``):
     ``v = -alpha lambda + mu``, then one ``jax.jvp`` of ``grad_{theta, X, Y} l_n`` at
     ``theta_n`` along ``(v, 0, 0)`` gives ``(H_tt v, H_Xt v, H_Yt v)`` (the Hessian's
@@ -311,42 +336,29 @@ def _unroll_forward_over_reverse(
     """
     track = grad_sum is not None
     diff_labels = jnp.issubdtype(labels.dtype, jnp.inexact)
-    has_w = batches.weights is not None
 
-    def scan_inputs(b: StudentBatches) -> tuple[Array, ...]:
-        return (b.indices, b.weights, b.keys) if has_w else (b.indices, b.keys)
-
-    def unpack(inp: tuple[Array, ...]) -> tuple[Array, Array | None, Array]:
-        return inp if has_w else (inp[0], None, inp[1])
-
-    def forward(params, images, labels, syn_lr, gs, batches):
-        def body(carry, inp):
-            p, s = carry
-            idx, w, key = unpack(inp)
-            new, g = student_step(apply_fn, p, images, labels, syn_lr, idx, w, key, augment_fn)
-            return (new, otu.tree_add(s, g) if track else s), (p, g)
-
-        (final, gs), thetas = jax.lax.scan(
-            body, (params, gs if track else 0.0), scan_inputs(batches), unroll=_SCAN_UNROLL.get()
-        )
-        return (final, gs if track else None), thetas
+    def forward(params, images, labels, syn_lr, gs, batches, keep_steps):
+        return _sgd_scan(
+            apply_fn, params, images, labels, syn_lr, batches, augment_fn, gs,
+            keep_steps=keep_steps,
+        )  # fmt: skip
 
     @jax.custom_vjp
     def run(params, images, labels, syn_lr, gs, batches):
-        return forward(params, images, labels, syn_lr, gs, batches)[0]
+        return forward(params, images, labels, syn_lr, gs, batches, False)[0]
 
     def run_fwd(params, images, labels, syn_lr, gs, batches):
-        out, thetas = forward(params, images, labels, syn_lr, gs, batches)
-        return out, (thetas, images, labels, syn_lr, batches)
+        out, steps = forward(params, images, labels, syn_lr, gs, batches, True)
+        return out, (steps, images, labels, syn_lr, batches)
 
     def run_bwd(res, ct):
-        thetas, images, labels, syn_lr, batches = res
+        steps, images, labels, syn_lr, batches = res
         lam, mu = ct
         argnums = (1, 2, 3) if diff_labels else (1, 2)
 
         def body(carry, inp):
             lam, x_bar, y_bar, a_bar = carry
-            (theta, g_theta), (idx, w, key) = inp[0], unpack(inp[1:])
+            (theta, g_theta), (idx, w, key) = inp[0], StudentBatches.unpack(inp[1:])
             v = jax.tree.map(lambda c: -syn_lr.astype(c.dtype) * c, lam)
             if track:
                 v = otu.tree_add(v, mu)
@@ -368,7 +380,7 @@ def _unroll_forward_over_reverse(
             jnp.zeros_like(syn_lr),
         )
         (lam, x_bar, y_bar, a_bar), _ = jax.lax.scan(
-            body, init, (thetas, *scan_inputs(batches)), reverse=True, unroll=_SCAN_UNROLL.get()
+            body, init, (steps, *batches.scan_inputs()), reverse=True, unroll=_SCAN_UNROLL.get()
         )
         return lam, x_bar, y_bar if diff_labels else None, a_bar, mu if track else None, None
 
