@@ -176,15 +176,22 @@ def hvp(loss_fn: LossFn, x: Array, v: Array) -> Array:
     return jax.jvp(jax.grad(loss_fn), (x,), (v,))[1]
 
 
-def _power_iteration(op: Callable[[Array], Array], v: Array, iterations: int) -> Array:
-    """The unit vector after ``iterations`` steps of ``v <- op(v) / ||op(v)||``."""
+def _power_iteration(
+    op: Callable[[Array], Array], v: Array, iterations: int
+) -> tuple[Array, Array]:
+    """``(v, v^T op(v))`` for the unit vector ``v`` after ``iterations`` steps of
+    ``v <- op(v) / ||op(v)||``: ``iterations + 1`` applications of ``op``, traced once (the
+    last one gives the Rayleigh quotient; its normalised vector is discarded)."""
 
-    def body(v, _):
+    def body(carry, _):
+        v = carry[0]
         w = op(v)
-        return w / (jnp.linalg.norm(w) + sharpness_lib.NORM_EPS), None
+        return (w / (jnp.linalg.norm(w) + sharpness_lib.NORM_EPS), v, jnp.vdot(v, w)), None
 
-    v, _ = jax.lax.scan(body, v / jnp.linalg.norm(v), None, length=iterations)
-    return v
+    v = v / jnp.linalg.norm(v)
+    init = (v, v, jnp.zeros((), v.dtype))
+    (_, v, rq), _ = jax.lax.scan(body, init, None, length=iterations + 1)
+    return v, rq
 
 
 def _hessian_operator(loss_fn: LossFn, x: Array, scale: Array | None) -> Callable[[Array], Array]:
@@ -226,8 +233,7 @@ def dominant_hessian_eigenvalue(
     """
     key = jax.random.PRNGKey(0) if key is None else key
     op = _hessian_operator(loss_fn, x, scale)
-    v = _power_iteration(op, jax.random.normal(key, x.shape, x.dtype), iterations)
-    return jnp.vdot(v, op(v))
+    return _power_iteration(op, jax.random.normal(key, x.shape, x.dtype), iterations)[1]
 
 
 def hessian_eigenvalues(
@@ -245,20 +251,38 @@ def hessian_eigenvalues(
     Power iteration finds the dominant one. Where that is negative (a direction of negative
     curvature outweighs every positive one), a second power iteration on the shifted operator
     ``H - dominant * I``, whose eigenvalues ``lambda_i - dominant`` are all >= 0 with the
-    largest at ``lambda_max``, finds the largest (``jax.lax.cond``: only then; ``iterations``
-    Hessian-vector products more).
+    largest at ``lambda_max``, finds the largest (only then: ``iterations + 1``
+    Hessian-vector products more). Both run in one ``jax.lax.while_loop`` whose body applies
+    the Hessian once, so a Hessian-vector product is compiled once, not four times.
     """
     key = jax.random.PRNGKey(0) if key is None else key
     op = _hessian_operator(loss_fn, x, scale)
-    dominant = dominant_hessian_eigenvalue(loss_fn, x, iterations=iterations, key=key, scale=scale)
+    unit = lambda v: v / (jnp.linalg.norm(v) + sharpness_lib.NORM_EPS)  # noqa: E731
+    first = unit(jax.random.normal(key, x.shape, x.dtype))
+    second = unit(jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype))
+    last = iterations  # the step whose Rayleigh quotient is the dominant eigenvalue
 
-    def shifted(dominant):
-        start = jax.random.normal(jax.random.fold_in(key, 1), x.shape, x.dtype)
-        v = _power_iteration(lambda v: op(v) - dominant * v, start, iterations)
-        return jnp.vdot(v, op(v))
+    # Both power iterations in one loop, so that ``op`` (a Hessian-vector product: the costly
+    # part to compile) is traced once: steps 0..last on ``H``, then (only where the dominant
+    # eigenvalue is negative) steps last+1..2*last+1 on ``H - dominant * I`` from ``second``.
+    def cond(state):
+        k, _, dominant, _ = state
+        return (k <= last) | ((dominant < 0) & (k <= 2 * last + 1))
 
-    largest = jax.lax.cond(dominant < 0, shifted, lambda d: d, dominant)
-    return largest, dominant
+    def body(state):
+        k, v, dominant, largest = state
+        w = op(v)
+        rq = jnp.vdot(v, w)
+        dominant = jnp.where(k == last, rq, dominant)
+        largest = jnp.where(k == 2 * last + 1, rq, largest)
+        shift = jnp.where(k <= last, jnp.zeros_like(dominant), dominant)
+        v = jnp.where(k == last, second, unit(w - shift * v))
+        return k + 1, v, dominant, largest
+
+    zero = jnp.zeros((), x.dtype)
+    init = (jnp.asarray(0, jnp.int32), first, zero, zero)
+    _, _, dominant, largest = jax.lax.while_loop(cond, body, init)
+    return jnp.where(dominant < 0, largest, dominant), dominant
 
 
 def top_hessian_eigenvalue(
@@ -381,11 +405,14 @@ def measure(
             scale=scale,
         )
 
-    # One compilation for both (the plain and the scaled operator share the traced HVP).
-    (eig, dominant), (eig_scaled, _) = jax.tree.map(
-        float,
-        jax.jit(lambda x: (eigenvalues(x, None), eigenvalues(x, per_example_scale(x))))(images),
-    )
+    # The plain and the scaled operator batched over the scale (``S = 1`` is ``H`` exactly):
+    # one traced Hessian-vector product for both, vectorised over its tangents.
+    def both(x):
+        scales = jnp.stack([jnp.ones_like(x), per_example_scale(x)])
+        return jax.vmap(lambda s: eigenvalues(x, s))(scales)
+
+    largest, dominants = jax.jit(both)(images)
+    eig, eig_scaled, dominant = float(largest[0]), float(largest[1]), float(dominants[0])
     r = _ball_radius(images, cfg.radius, cfg.radius_scale, cfg.ball)
     return {
         "loss_sampled": ls,

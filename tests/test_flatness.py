@@ -68,6 +68,27 @@ def _scale_free(x):
     return jnp.sum(jnp.sin(3 * u) * w) + (jnp.sum(u[0] * u[1]) - 0.5 * jnp.sum(u[2])) ** 2
 
 
+def test_both_power_iterations_trace_the_hessian_vector_product_once():
+    # The Hessian-vector product of a matching loss is the costly part to compile: the dominant
+    # and the shifted iteration share one traced product (a loop body), and measure() batches
+    # the plain and the scaled operator over that same trace.
+    traces = []
+
+    def counted(x):
+        traces.append(1)
+        return _cubic(x)
+
+    x = jnp.array([0.1, -0.2, 0.05, 0.3])
+    largest, dominant = jax.jit(lambda x: flatness.hessian_eigenvalues(counted, x, iterations=50))(
+        x
+    )
+    assert len(traces) == 1
+    assert float(dominant) < 0 < float(largest)  # the shifted iteration ran on that trace
+    traces.clear()
+    jax.jit(lambda x: flatness.dominant_hessian_eigenvalue(counted, x, iterations=5))(x)
+    assert len(traces) == 1
+
+
 def test_scaled_eigenvalue_ignores_rescaled_images_and_matches_the_dense_s_h_s():
     with x64():
         x = jnp.array([[0.3, -1.1, 0.7, 2.0], [1.0, 0.5, -0.2, 0.3], [-0.4, 0.9, 0.1, 0.6]])
