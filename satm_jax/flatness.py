@@ -158,16 +158,19 @@ def worst_case_increase(
     base = loss_fn(x)
     value_and_grad = jax.value_and_grad(loss_fn)
 
-    def body(carry, _):
+    # Step j evaluates the loss and gradient at the j-th point; the loss there counts from the
+    # first ascent step on, so ``steps + 1`` gradients (one traced) see ``steps`` ascended
+    # points (the last step's move is discarded).
+    def body(carry, j):
         delta, best = carry
-        _, g = value_and_grad(x + delta)
+        value, g = value_and_grad(x + delta)
+        best = jnp.where(j > 0, jnp.maximum(best, value - base), best)
         step = sharpness_lib.sam_perturbation(g, 1.0, ball=ball)  # unit (per-example) direction
         delta = _project(delta + r * step, r, ball)
-        best = jnp.maximum(best, loss_fn(x + delta) - base)
         return (delta, best), None
 
     init = (delta0.astype(x.dtype), jnp.asarray(-jnp.inf, base.dtype))
-    (_, best), _ = jax.lax.scan(body, init, None, length=steps)
+    (_, best), _ = jax.lax.scan(body, init, jnp.arange(steps + 1))
     return best
 
 
