@@ -42,6 +42,14 @@ import pytest  # noqa: E402
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (a stable sort: otherwise in file order), so that with
+    ``--dist=worksteal`` (pyproject.toml) the two workers start on the long end-to-end runs and
+    the short tests fill the end, instead of one worker idling behind a long test scheduled
+    last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
