@@ -89,6 +89,25 @@ def test_both_power_iterations_trace_the_hessian_vector_product_once():
     assert len(traces) == 1
 
 
+def test_eigenvalues_batched_over_scales_equal_separate_calls_when_only_one_needs_the_shift():
+    # measure() vmaps hessian_eigenvalues over (ones, per-image scale): the batched while loop
+    # must keep each member's result although only one of them runs the shifted iteration.
+    with x64():
+        x = jnp.array([0.1, -0.2, 0.05, 0.3])
+        scales = jnp.stack([jnp.ones(4), jnp.array([0.2, 0.1, 3.0, 3.0])])
+        eig = lambda s: flatness.hessian_eigenvalues(_cubic, x, iterations=60, scale=s)  # noqa: E731
+        largest, dominant = jax.vmap(eig)(scales)
+        separate = [eig(s) for s in scales]
+        assert float(dominant[0]) < 0 < float(dominant[1])  # one shifted, one not
+        for i, (lg, dom) in enumerate(separate):
+            assert float(largest[i]) == pytest.approx(float(lg), rel=1e-12)
+            assert float(dominant[i]) == pytest.approx(float(dom), rel=1e-12)
+        dense = np.asarray(jax.hessian(_cubic)(x))
+        for i, s in enumerate(np.asarray(scales)):
+            want = np.linalg.eigvalsh(s[:, None] * dense * s[None, :])[-1]
+            assert float(largest[i]) == pytest.approx(want, rel=1e-6)
+
+
 def test_scaled_eigenvalue_ignores_rescaled_images_and_matches_the_dense_s_h_s():
     with x64():
         x = jnp.array([[0.3, -1.1, 0.7, 2.0], [1.0, 0.5, -0.2, 0.3], [-0.4, 0.9, 0.1, 0.6]])
