@@ -206,7 +206,12 @@ class DistillConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("lr_img", "lr_img_rel", "lr_lr", "lr_log_lr"):
+        for name in ("lr_img", "lr_img_rel", "lr_lr", "lr_log_lr", "lr_label") + (
+            "rho",
+            "sigma",
+            "asam_eta",
+            "gsam_alpha",
+        ):
             v = getattr(self, name)
             if not (v >= 0 and v < float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")

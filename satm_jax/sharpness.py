@@ -92,6 +92,18 @@ BALLS = ("global", "per_example")
 RADII = ("absolute", "relative")
 
 
+def check_nonnegative(**values: float) -> None:
+    """Raises ``ValueError`` unless every value is a finite number >= 0 (a negative radius
+    would descend where SAM ascends). Traced values are left to the caller."""
+    for name, v in values.items():
+        try:
+            f = float(v)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            continue
+        if not 0.0 <= f < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+
+
 def check_ball(ball: str, radius: str, sharpness: str | None = None) -> None:
     """Raises ``ValueError`` for an unknown ``ball``/``radius``, or (with ``sharpness``, a
     ``SHARPNESS`` name) for ball options on a transform that does not take them."""
@@ -217,6 +229,7 @@ def sam(
     Generalization", ICLR 2021.
     """
     check_ball(ball, radius)
+    check_nonnegative(rho=rho)
     return _perturbed_transform(
         base_optimizer,
         perturb=lambda h, p: sam_perturbation(h, rho, p, ball=ball, radius=radius),
@@ -241,6 +254,8 @@ def asam(
     Reference: Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
     Learning of Deep Neural Networks", ICML 2021.
     """
+
+    check_nonnegative(rho=rho, eta=eta)
 
     def perturb(h, p):
         t = jax.tree.map(lambda x: jnp.abs(x) + eta, p)
@@ -276,6 +291,7 @@ def gsam(
         return otu.tree_add_scale(g, -alpha, h_perp)
 
     check_ball(ball, radius)
+    check_nonnegative(rho=rho, alpha=alpha)
     return _perturbed_transform(
         base_optimizer,
         lambda h, p: sam_perturbation(h, rho, p, ball=ball, radius=radius),
@@ -306,6 +322,7 @@ def smooth_sam(
     """
 
     check_ball(ball, radius)
+    check_nonnegative(rho=rho, sigma=sigma)
 
     def init_fn(params):
         return SmoothSharpnessState(base_optimizer.init(params), jax.random.PRNGKey(seed))

@@ -246,6 +246,9 @@ def test_config_validation_messages():
         distill.DistillConfig(sharpness="adam").validate()
     with pytest.raises(ValueError, match="min_start_epoch"):
         distill.DistillConfig(min_start_epoch=5, max_start_epoch=5).validate()
+    for name in ("rho", "sigma", "asam_eta", "gsam_alpha", "lr_label"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            distill.DistillConfig(**{name: -1.0}).validate()
 
 
 @pytest.mark.slow

@@ -225,6 +225,30 @@ def test_missing_grad_fn_and_unknown_name_are_clear_errors():
         sharpness.make_sharpness("adam", optax.sgd(0.1))
 
 
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_negative_or_non_finite_radii_and_coefficients_are_refused(bad):
+    # A negative radius would descend where SAM ascends: a different method, silently.
+    base = optax.sgd(0.1)
+    cases = {
+        "rho": [
+            lambda: sharpness.sam(base, bad),
+            lambda: sharpness.asam(base, bad),
+            lambda: sharpness.gsam(base, bad),
+            lambda: sharpness.smooth_sam(base, bad),
+        ],
+        "eta": [lambda: sharpness.asam(base, 0.5, bad)],
+        "alpha": [lambda: sharpness.gsam(base, 0.05, bad)],
+        "sigma": [lambda: sharpness.smooth_sam(base, 0.05, bad)],
+    }
+    for name, makers in cases.items():
+        for make in makers:
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+                make()
+    # zero stays allowed (rho = 0 is the base optimizer), and a traced radius is not checked
+    sharpness.sam(base, 0.0)
+    jax.jit(lambda r: sharpness.sam(base, r).init(params0()))(jnp.asarray(-1.0))
+
+
 def _x_and_h():
     x = jnp.array([[[1.0, 2.0], [2.0, 0.0]], [[0.0, 0.0], [3.0, 4.0]], [[0.5, 0.5], [0.5, 0.5]]])
     h = jnp.array([[[0.1, 0.0], [0.0, 0.0]], [[0.0, -2.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
