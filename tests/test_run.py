@@ -189,6 +189,18 @@ def test_configs_from_flags_and_presets(absl_flags):
         configs.make_run_config("digits", 1, "satm", preset="fast")
 
 
+def test_counts_below_their_minimum_are_refused_naming_the_flag():
+    # e.g. --num_eval=0 crashed in numpy's stack, --full_epochs=-1 reported an untrained
+    # network as the full-data baseline: every count of MINIMUMS is refused at config time.
+    for (section, field), low in configs.MINIMUMS.items():
+        flag = next(k for k, v in configs.OVERRIDES.items() if v == (section, field))
+        with pytest.raises(configs.ConfigError, match=f"--{flag} must be >= {low}, got {low - 1}"):
+            configs.make_run_config("digits", 1, "mtt", overrides={flag: low - 1})
+        cfg = configs.make_run_config("digits", 1, "mtt", overrides={flag: low})
+        got = getattr(cfg, field) if section == "run" else getattr(getattr(cfg, section), field)
+        assert got == low
+
+
 def test_validate_configs_checks_the_expert_window(digits):
     cfg = configs.make_run_config("digits", 1, "mtt", overrides={"max_start_epoch": 20})
     with pytest.raises(configs.ConfigError, match="experts train for"):

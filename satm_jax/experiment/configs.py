@@ -505,6 +505,26 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "full_epochs": ("run", "full_epochs"),
     "eval_models": ("run", "eval_models"),
 }
+# The smallest value of each integer setting that has one (checked by ``make_run_config``
+# before anything is trained; ``None`` where allowed means "the default rule"). A ConvNet of
+# depth 0 is the linear classifier on the pixels; 0 for ``eval_every`` / ``checkpoint_every``
+# means "only at the end" / "never".
+MINIMUMS: dict[tuple[str, str], int] = {
+    ("model", "width"): 1,
+    ("model", "depth"): 0,
+    ("experts", "num_experts"): 1,
+    ("experts", "batch_size"): 1,
+    ("experts", "parallel"): 1,
+    ("eval", "epochs"): 1,
+    ("eval", "batch_size"): 1,
+    ("eval", "num_models"): 1,
+    ("eval", "width"): 1,
+    ("run", "full_epochs"): 1,
+    ("run", "eval_every"): 0,
+    ("run", "checkpoint_every"): 0,
+}
+_FLAG_OF = {where: flag for flag, where in OVERRIDES.items()}
+
 # Fields whose change does not change what a resumed run computes ("variant" is only the label
 # an ablation gives a run: its "mtt" and "satm" variants are the plain runs of the same folder).
 RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models", "variant")
@@ -659,6 +679,11 @@ def make_run_config(
         raise ConfigError(
             f"expert sharpness must be none, sam, asam or gsam, got {sections['experts'].sharpness!r}"
         )
+    for (section, field), low in MINIMUMS.items():
+        v = run_fields[field] if section == "run" else getattr(sections[section], field)
+        if v is not None and v < low:
+            flag = _FLAG_OF.get((section, field), field)
+            raise ConfigError(f"--{flag} must be >= {low}, got {v}")
     try:
         d.validate()
     except ValueError as e:
