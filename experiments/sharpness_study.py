@@ -112,34 +112,45 @@ def run_study(
     from satm_jax.experiment import pipeline
 
     scale = overrides.pop("rho_scale", "relative")
+    if not seeds:
+        raise configs_lib.ConfigError("the study needs at least one seed (--seeds)")
+    # Every point's config first, so that a bad radius or setting stops the study before
+    # anything is trained (not after the points before it).
+    runs = [
+        (
+            name,
+            s,
+            configs_lib.make_run_config(
+                dataset, ipc, method, preset, {**overrides, **point, "seed": s}, data_dir
+            ),
+        )
+        for name, method, point in points(radii, balls, scale, references)
+        for s in seeds
+    ]
     dataset_obj = data_lib.load_dataset(dataset, data_dir=data_dir)
     os.makedirs(os.path.join(workdir, "experts"), exist_ok=True)
     rows = []
-    for name, method, point in points(radii, balls, scale, references):
-        for s in seeds:
-            pdir = os.path.join(workdir, f"{name}_s{s}")
-            os.makedirs(pdir, exist_ok=True)
-            link = os.path.join(pdir, "experts")
-            if not os.path.lexists(link):
-                os.symlink(os.path.abspath(os.path.join(workdir, "experts")), link)
-            cfg = configs_lib.make_run_config(
-                dataset, ipc, method, preset, {**overrides, **point, "seed": s}, data_dir
-            )
-            out = pipeline.train_and_evaluate(
-                [cfg],
-                pdir,
-                dataset=dataset_obj,
-                baselines=False,
-                progress=progress,
-                log=log,
-                flatness=flatness_cfg,
-            )
-            row = dict(out["results"][0], point=name, seed=s)
-            metrics = outputs.read_metrics(os.path.join(pdir, "runs", cfg.name))
-            sharp = [m["sharpness"] for m in metrics if "sharpness" in m]
-            if sharp:  # the run's own per-iteration sharpness, mean over its last tenth
-                row["sharpness_last_tenth"] = float(np.mean(sharp[-max(1, len(sharp) // 10) :]))
-            rows.append(row)
+    for name, s, cfg in runs:
+        pdir = os.path.join(workdir, f"{name}_s{s}")
+        os.makedirs(pdir, exist_ok=True)
+        link = os.path.join(pdir, "experts")
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(os.path.join(workdir, "experts")), link)
+        out = pipeline.train_and_evaluate(
+            [cfg],
+            pdir,
+            dataset=dataset_obj,
+            baselines=False,
+            progress=progress,
+            log=log,
+            flatness=flatness_cfg,
+        )
+        row = dict(out["results"][0], point=name, seed=s)
+        metrics = outputs.read_metrics(os.path.join(pdir, "runs", cfg.name))
+        sharp = [m["sharpness"] for m in metrics if "sharpness" in m]
+        if sharp:  # the run's own per-iteration sharpness, mean over its last tenth
+            row["sharpness_last_tenth"] = float(np.mean(sharp[-max(1, len(sharp) // 10) :]))
+        rows.append(row)
     return {"rows": rows, "points": aggregate(rows)}
 
 
@@ -293,6 +304,16 @@ def plot(study: dict, workdir: str) -> list[str]:
     return paths
 
 
+def _numbers(flag: str, values: list[str], kind: type) -> list:
+    """``values`` as numbers of ``kind``; ``ConfigError`` naming ``--flag`` otherwise."""
+    try:
+        return [kind(v) for v in values]
+    except ValueError:
+        raise configs_lib.ConfigError(
+            f"--{flag} takes a comma-separated list of {kind.__name__}s, got {','.join(values)!r}"
+        ) from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -301,10 +322,12 @@ def main(argv):
     t0 = time.time()
     try:
         radii = {
-            "global": [float(r) for r in FLAGS.radii],
-            "per_example": [float(r) for r in (FLAGS.per_example_radii or FLAGS.radii)],
+            "global": _numbers("radii", FLAGS.radii, float),
+            "per_example": _numbers(
+                "per_example_radii", FLAGS.per_example_radii or FLAGS.radii, float
+            ),
         }
-        seeds = [int(s) for s in FLAGS.seeds]
+        seeds = _numbers("seeds", FLAGS.seeds, int)
         ipcs = run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset)
         if len(ipcs) != 1:
             raise configs_lib.ConfigError("the sharpness study takes one --ipc")

@@ -96,3 +96,21 @@ def test_references_choose_the_reference_points_and_reject_unknown_names():
     assert [p[0] for p in study_lib.points([], ["global"], "relative", [])] == []
     with pytest.raises(study_lib.configs_lib.ConfigError, match="unknown reference point"):
         study_lib.points([0.1], ["global"], "relative", references=["mttt"])
+
+
+def test_bad_radii_or_seeds_stop_the_study_before_anything_is_trained(tmp_path):
+    flat = flatness.FlatnessConfig(heldout_experts=1, samples=1, ascent_steps=1, power_iterations=1)
+    wd = str(tmp_path / "wd")
+    # A negative radius used to surface only at its point, after the MTT points had trained.
+    with pytest.raises(study_lib.configs_lib.ConfigError, match="rho must be a finite number"):
+        study_lib.run_study(
+            "digits", 1, "default", tiny_overrides(), None, [-0.1], ["global"], [0], flat, wd
+        )
+    with pytest.raises(study_lib.configs_lib.ConfigError, match="at least one seed"):
+        study_lib.run_study(
+            "digits", 1, "default", tiny_overrides(), None, [0.1], ["global"], [], flat, wd
+        )
+    assert not os.path.exists(wd)  # nothing made, nothing trained
+    with pytest.raises(study_lib.configs_lib.ConfigError, match="--radii takes .* floats"):
+        study_lib._numbers("radii", ["0.1", "abc"], float)
+    assert study_lib._numbers("seeds", ["0", "2"], int) == [0, 2]
