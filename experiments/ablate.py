@@ -42,7 +42,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import run as run_lib
-from experiments import seed_flags  # noqa: F401  (--seeds)
+from experiments import seed_flags
 from satm_jax import jsonio, matching
 from satm_jax.experiment import configs as configs_lib
 
@@ -217,7 +217,7 @@ def main(argv):
 
     variants = FLAGS.variants or list(VARIANTS)
     try:
-        seeds = [int(s) for s in FLAGS.seeds]
+        seeds = seed_flags.seeds()
         ipcs = run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset)
         data_lib.check_dataset_name(FLAGS.dataset)
         cfgs = build(

@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from experiments import (
     errors,
     flatness_flags,
-    seed_flags,  # noqa: F401  (--seeds)
+    seed_flags,
 )
 from experiments import run as run_lib
 from satm_jax import jsonio
@@ -304,16 +304,6 @@ def plot(study: dict, workdir: str) -> list[str]:
     return paths
 
 
-def _numbers(flag: str, values: list[str], kind: type) -> list:
-    """``values`` as numbers of ``kind``; ``ConfigError`` naming ``--flag`` otherwise."""
-    try:
-        return [kind(v) for v in values]
-    except ValueError:
-        raise configs_lib.ConfigError(
-            f"--{flag} takes a comma-separated list of {kind.__name__}s, got {','.join(values)!r}"
-        ) from None
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -322,12 +312,12 @@ def main(argv):
     t0 = time.time()
     try:
         radii = {
-            "global": _numbers("radii", FLAGS.radii, float),
-            "per_example": _numbers(
+            "global": seed_flags.numbers("radii", FLAGS.radii, float),
+            "per_example": seed_flags.numbers(
                 "per_example_radii", FLAGS.per_example_radii or FLAGS.radii, float
             ),
         }
-        seeds = _numbers("seeds", FLAGS.seeds, int)
+        seeds = seed_flags.seeds()
         ipcs = run_lib.parse_ipcs(FLAGS.ipc, FLAGS.dataset)
         if len(ipcs) != 1:
             raise configs_lib.ConfigError("the sharpness study takes one --ipc")

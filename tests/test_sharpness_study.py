@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from experiments import seed_flags
 from experiments import sharpness_study as study_lib
 from satm_jax import flatness
 from tests.helpers import tiny_overrides
@@ -112,5 +113,5 @@ def test_bad_radii_or_seeds_stop_the_study_before_anything_is_trained(tmp_path):
         )
     assert not os.path.exists(wd)  # nothing made, nothing trained
     with pytest.raises(study_lib.configs_lib.ConfigError, match="--radii takes .* floats"):
-        study_lib._numbers("radii", ["0.1", "abc"], float)
-    assert study_lib._numbers("seeds", ["0", "2"], int) == [0, 2]
+        seed_flags.numbers("radii", ["0.1", "abc"], float)
+    assert seed_flags.numbers("seeds", ["0", "2"]) == [0, 2]
