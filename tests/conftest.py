@@ -42,11 +42,18 @@ import pytest  # noqa: E402
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def pytest_configure(config):
+    # With -n, xdist's default scheduling ("load") becomes "worksteal": a worker that runs out
+    # of tests takes half of the other's queue. Set here, not in addopts, so that pytest
+    # without xdist still runs.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "worksteal"
+
+
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (a stable sort: otherwise in file order), so that with
-    ``--dist=worksteal`` (pyproject.toml) the two workers start on the long end-to-end runs and
-    the short tests fill the end, instead of one worker idling behind a long test scheduled
-    last."""
+    """The slow tests first (a stable sort: otherwise in file order), so that the two workers
+    start on the long end-to-end runs and the short tests fill the end, instead of one worker
+    idling behind a long test scheduled last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
