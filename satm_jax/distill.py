@@ -206,15 +206,9 @@ class DistillConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("lr_img", "lr_img_rel", "lr_lr", "lr_log_lr", "lr_label") + (
-            "rho",
-            "sigma",
-            "asam_eta",
-            "gsam_alpha",
-        ):
-            v = getattr(self, name)
-            if not (v >= 0 and v < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        rates = ("lr_img", "lr_img_rel", "lr_lr", "lr_log_lr", "lr_label")
+        knobs = ("rho", "sigma", "asam_eta", "gsam_alpha")
+        sharpness_lib.check_nonnegative(**{name: getattr(self, name) for name in rates + knobs})
         if self.lr_init_samples < 1:
             raise ValueError(f"lr_init_samples must be >= 1, got {self.lr_init_samples}")
         if self.sharpness not in sharpness_lib.SHARPNESS:

@@ -98,7 +98,7 @@ def check_nonnegative(**values: float) -> None:
     for name, v in values.items():
         try:
             f = float(v)
-        except (TypeError, jax.errors.ConcretizationTypeError):
+        except jax.errors.ConcretizationTypeError:
             continue
         if not 0.0 <= f < float("inf"):
             raise ValueError(f"{name} must be a finite number >= 0, got {v}")
