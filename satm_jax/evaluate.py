@@ -74,10 +74,20 @@ class EvalResult(NamedTuple):
       accs: accuracy of each network on the test split.
       extra: accuracy of each network on every extra test set (``extra_tests`` of
         :func:`evaluate_set`), by the set's key; empty when none was given.
+      diverged: whether each network's training diverged (a non-finite weight or batch
+        statistic at the end): such a network predicts one class, so its accuracy is chance
+        and says nothing about the set. ``None`` where unknown (e.g. a result read back from
+        a file that did not record it).
     """
 
     accs: np.ndarray
     extra: Mapping[Any, np.ndarray] = types.MappingProxyType({})
+    diverged: np.ndarray | None = None
+
+    @property
+    def num_diverged(self) -> int:
+        """How many networks diverged (0 where unknown)."""
+        return 0 if self.diverged is None else int(np.sum(self.diverged))
 
     @property
     def mean(self) -> float:
@@ -90,7 +100,14 @@ class EvalResult(NamedTuple):
         return float(100.0 * np.std(self.accs))
 
     def summary(self) -> str:
-        return f"{self.mean:.2f} +- {self.std:.2f}"
+        """``"mean +- std"``, with a warning when networks diverged."""
+        text = f"{self.mean:.2f} +- {self.std:.2f}"
+        if self.num_diverged:
+            text += (
+                f" (WARNING: {self.num_diverged} of {len(self.accs)} networks diverged: "
+                "non-finite weights, chance accuracy; lower the evaluation learning rate)"
+            )
+        return text
 
 
 def evaluate_set(
@@ -198,4 +215,18 @@ def evaluate_set(
 
     accs = test(test_images, test_labels)
     extra = {k: test(x, y) for k, (x, y) in (extra_tests or {}).items()}
-    return EvalResult(accs, types.MappingProxyType(extra))
+    return EvalResult(accs, types.MappingProxyType(extra), np.asarray(diverged_networks(states)))
+
+
+@jax.jit
+def diverged_networks(states: Any) -> Array:
+    """Per network (the leading axis of ``states``' parameters and batch statistics): whether
+    any of its values is not finite."""
+
+    def bad(tree):
+        leaves = jax.tree.leaves(tree)
+        if not leaves:
+            return jnp.zeros((), bool)
+        return jnp.any(jnp.stack([~jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+    return jax.vmap(lambda p, b: bad(p) | bad(b))(states.params, states.batch_stats)

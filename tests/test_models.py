@@ -127,6 +127,41 @@ def test_unknown_model_and_norm_are_refused():
 
 
 @pytest.mark.slow
+def test_evaluation_flags_networks_whose_training_diverged():
+    from satm_jax import evaluate
+    from satm_jax.experiment import pipeline
+
+    net, x, y, tx, ty = tiny_eval_problem(9)
+    cfg = evaluate.EvalConfig(epochs=3, num_models=2, dsa_strategy="none")
+    fine = evaluate.evaluate_set(net, x, y, 0.05, tx, ty, cfg, progress=False)
+    np.testing.assert_array_equal(fine.diverged, [False, False])
+    assert "diverged" not in fine.summary()
+    assert "diverged" not in pipeline._row("mtt", 1, fine)
+    # A step size that overflows float32: every weight becomes non-finite, the networks predict
+    # one class (chance accuracy), and the result must say so rather than average it silently.
+    blown = evaluate.evaluate_set(net, x, y, 1e30, tx, ty, cfg, progress=False)
+    np.testing.assert_array_equal(blown.diverged, [True, True])
+    assert blown.num_diverged == 2
+    assert "WARNING: 2 of 2 networks diverged" in blown.summary()
+    assert pipeline._row("mtt", 1, blown)["diverged"] == 2
+    # Stored and read back (evals.json, the baselines' cache) with the flags.
+    stored = pipeline._diverged_json(blown)
+    np.testing.assert_array_equal(pipeline._diverged_from_json(stored), [True, True])
+    assert pipeline._diverged_from_json({}) is None
+
+
+def test_diverged_networks_looks_at_each_network_and_its_batch_statistics():
+    from satm_jax import evaluate, train
+
+    params = {"w": jnp.array([[1.0, 2.0], [3.0, jnp.nan]]), "b": jnp.zeros((2, 1))}
+    stats = {"mean": jnp.array([[0.0], [0.0]])}
+    state = train.TrainState(params, stats, params, jnp.zeros((2,), jnp.int32))
+    np.testing.assert_array_equal(evaluate.diverged_networks(state), [False, True])
+    stats = {"mean": jnp.array([[jnp.inf], [0.0]])}
+    state = train.TrainState(params, stats, params, jnp.zeros((2,), jnp.int32))
+    np.testing.assert_array_equal(evaluate.diverged_networks(state), [True, True])
+
+
 def test_evaluation_tests_in_chunks_with_the_same_accuracy(monkeypatch):
     from satm_jax import evaluate
 

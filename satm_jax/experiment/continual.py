@@ -642,7 +642,8 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """Rows per (method, stage): mean and std (percent, ``np.std``) over every class order's
     evaluation networks (``n`` of them). ``records`` hold ``method``, ``order``, ``stage`` and
-    ``accs`` (fractions)."""
+    ``accs`` (fractions), and optionally ``diverged`` (networks whose training diverged; a row
+    with any has ``"diverged"``, their total)."""
     rows = []
     for m in methods:
         stages = sorted({r["stage"] for r in records if r["method"] == m})
@@ -662,6 +663,9 @@ def summarize(
                     "accs": [round(100.0 * float(a), 4) for a in accs],
                 }
             )
+            num_diverged = sum(int(r.get("diverged", 0)) for r in rs)
+            if num_diverged:
+                rows[-1]["diverged"] = num_diverged
     return rows
 
 
@@ -960,6 +964,7 @@ def run_continual(
                 cached = result_cache.load(rpath, rkey)
                 if cached is not None:
                     accs = np.asarray(cached["accs"], np.float64)
+                    num_diverged = int(cached.get("diverged", 0))
                     log(f"{where}: evaluation reused from {rpath}")
                 else:
                     x, y = memory_union(memories[m])
@@ -976,11 +981,13 @@ def run_continual(
                         desc=f"eval {m} order{order_seed} stage{k}",
                     )
                     accs = np.asarray(res.accs, np.float64)
+                    num_diverged = res.num_diverged
                     result_cache.store(
                         rpath,
                         rkey,
                         {
                             "accs": accs.tolist(),
+                            "diverged": num_diverged,
                             "memory_size": int(len(y)),
                             "num_test": int(len(test_idx)),
                         },
@@ -989,7 +996,15 @@ def run_continual(
                         f"{where}: memory {len(y)} images, {len(seen)} classes seen: "
                         f"{res.summary()} % ({len(accs)} nets)"
                     )
-                records.append({"method": m, "order": int(order_seed), "stage": k, "accs": accs})
+                records.append(
+                    {
+                        "method": m,
+                        "order": int(order_seed),
+                        "stage": k,
+                        "accs": accs,
+                        "diverged": num_diverged,
+                    }
+                )
             output(final=False)
     out = output(final=True)
     log(markdown_table(out))

@@ -314,6 +314,8 @@ def _row(
         "accs": [round(100.0 * float(a), 4) for a in result.accs],
         **extra,
     }
+    if result.num_diverged:
+        row["diverged"] = result.num_diverged
     if ood is not None and result.extra:
         row["ood"] = ood_lib.summarise(result.extra, ood)
     return row
@@ -579,7 +581,12 @@ def distill_and_evaluate(
             desc=f"eval {cfg.name} it{it}",
             extra_tests=ood_test_sets(data, ood) if final else None,
         )
-        evals[str(it)] = {"acc_mean": res.mean, "acc_std": res.std, "accs": res.accs.tolist()}
+        evals[str(it)] = {
+            "acc_mean": res.mean,
+            "acc_std": res.std,
+            "accs": res.accs.tolist(),
+            **_diverged_json(res),
+        }
         if final:
             evals[str(it)].update(ood=ood_id, ood_accs=ood_lib.accs_to_json(res.extra))
         jsonio.write_json(os.path.join(rundir, "evals.json"), evals)
@@ -656,7 +663,9 @@ def distill_and_evaluate(
     def reuse(name: str) -> evaluate_lib.EvalResult | None:
         if name == "convnet" and ev is not None and (ood is None or ev.get("ood") == ood_id):
             return evaluate_lib.EvalResult(
-                np.asarray(ev["accs"]), ood_lib.accs_from_json(ev.get("ood_accs", {}))
+                np.asarray(ev["accs"]),
+                ood_lib.accs_from_json(ev.get("ood_accs", {})),
+                _diverged_from_json(ev),
             )
         return None
 
@@ -882,14 +891,26 @@ def _cached_baseline(
     if cached is not None:
         log(f"{what}: reused from {path}")
         return evaluate_lib.EvalResult(
-            np.asarray(cached["accs"]), ood_lib.accs_from_json(cached.get("ood_accs", {}))
+            np.asarray(cached["accs"]),
+            ood_lib.accs_from_json(cached.get("ood_accs", {})),
+            _diverged_from_json(cached),
         )
     res = compute()
-    out: dict[str, Any] = {"accs": res.accs.tolist()}
+    out: dict[str, Any] = {"accs": res.accs.tolist(), **_diverged_json(res)}
     if res.extra:
         out["ood_accs"] = ood_lib.accs_to_json(res.extra)
     result_cache.store(path, key, out)
     return res
+
+
+def _diverged_json(res: evaluate_lib.EvalResult) -> dict[str, Any]:
+    """``{"diverged": [bool per network]}`` for a stored evaluation (empty where unknown)."""
+    return {} if res.diverged is None else {"diverged": [bool(d) for d in res.diverged]}
+
+
+def _diverged_from_json(doc: dict[str, Any]) -> np.ndarray | None:
+    """The per-network divergence flags of a stored evaluation (``None``: not recorded)."""
+    return np.asarray(doc["diverged"], bool) if "diverged" in doc else None
 
 
 def _legacy_baseline(doc: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
