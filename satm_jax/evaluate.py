@@ -78,16 +78,28 @@ class EvalResult(NamedTuple):
         statistic at the end): such a network predicts one class, so its accuracy is chance
         and says nothing about the set. ``None`` where unknown (e.g. a result read back from
         a file that did not record it).
+      collapsed: whether each network predicts one class for every test image (finite
+        weights, but a degenerate network: e.g. every ReLU dead after too large a step);
+        ``None`` where unknown.
     """
 
     accs: np.ndarray
     extra: Mapping[Any, np.ndarray] = types.MappingProxyType({})
     diverged: np.ndarray | None = None
+    collapsed: np.ndarray | None = None
 
     @property
     def num_diverged(self) -> int:
         """How many networks diverged (0 where unknown)."""
         return 0 if self.diverged is None else int(np.sum(self.diverged))
+
+    @property
+    def num_collapsed(self) -> int:
+        """How many networks that did not diverge predict one class only (0 where unknown)."""
+        if self.collapsed is None:
+            return 0
+        ok = np.ones_like(self.collapsed) if self.diverged is None else ~self.diverged
+        return int(np.sum(self.collapsed & ok))
 
     @property
     def mean(self) -> float:
@@ -106,6 +118,11 @@ class EvalResult(NamedTuple):
             text += (
                 f" (WARNING: {self.num_diverged} of {len(self.accs)} networks diverged: "
                 "non-finite weights, chance accuracy; lower the evaluation learning rate)"
+            )
+        if self.num_collapsed:
+            text += (
+                f" (WARNING: {self.num_collapsed} of {len(self.accs)} networks predict one "
+                "class for every test image; try a lower evaluation learning rate)"
             )
         return text
 
@@ -203,19 +220,29 @@ def evaluate_set(
         )
     )
 
-    def test(x, y) -> np.ndarray:
-        logits = jnp.concatenate(
+    def logits_of(x) -> Array:
+        return jnp.concatenate(
             [
                 predict(states.params, states.batch_stats, jnp.asarray(x[i : i + PREDICT_CHUNK]))
                 for i in range(0, x.shape[0], PREDICT_CHUNK)
             ],
             axis=1,
         )
-        return np.asarray(jax.vmap(train_lib.accuracy, (0, None))(logits, jnp.asarray(y)))
 
-    accs = test(test_images, test_labels)
+    def test(x, y) -> np.ndarray:
+        return np.asarray(jax.vmap(train_lib.accuracy, (0, None))(logits_of(x), jnp.asarray(y)))
+
+    logits = logits_of(test_images)
+    accs = np.asarray(jax.vmap(train_lib.accuracy, (0, None))(logits, jnp.asarray(test_labels)))
+    predicted = np.asarray(jnp.argmax(logits, -1))
+    collapsed = np.all(predicted == predicted[:, :1], axis=1)
     extra = {k: test(x, y) for k, (x, y) in (extra_tests or {}).items()}
-    return EvalResult(accs, types.MappingProxyType(extra), np.asarray(diverged_networks(states)))
+    return EvalResult(
+        accs,
+        types.MappingProxyType(extra),
+        np.asarray(diverged_networks(states)),
+        collapsed,
+    )
 
 
 @jax.jit

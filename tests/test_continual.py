@@ -630,11 +630,12 @@ def test_paired_differences_subtract_each_orders_network_mean_by_hand():
     assert "| satm - mtt | +4.00 +- 0.00 (1/1) |" in md
 
 
-def test_summary_rows_count_the_networks_that_diverged():
+def test_summary_rows_count_the_networks_that_diverged_or_collapsed():
     records = [
         {"method": "mtt", "order": 0, "stage": 0, "accs": np.array([0.9, 0.5]), "diverged": 1},
-        {"method": "mtt", "order": 1, "stage": 0, "accs": np.array([0.8, 0.7]), "diverged": 0},
+        {"method": "mtt", "order": 1, "stage": 0, "accs": np.array([0.8, 0.7]), "collapsed": 2},
         {"method": "mtt", "order": 0, "stage": 1, "accs": np.array([0.6, 0.6])},
     ]
     rows = continual.summarize(records, ["mtt"], classes_per_stage=2)
-    assert [(r["stage"], r.get("diverged")) for r in rows] == [(0, 1), (1, None)]
+    flags = [(r["stage"], r.get("diverged"), r.get("collapsed")) for r in rows]
+    assert flags == [(0, 1, 2), (1, None, None)]

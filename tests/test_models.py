@@ -145,9 +145,44 @@ def test_evaluation_flags_networks_whose_training_diverged():
     assert "WARNING: 2 of 2 networks diverged" in blown.summary()
     assert pipeline._row("mtt", 1, blown)["diverged"] == 2
     # Stored and read back (evals.json, the baselines' cache) with the flags.
-    stored = pipeline._diverged_json(blown)
-    np.testing.assert_array_equal(pipeline._diverged_from_json(stored), [True, True])
-    assert pipeline._diverged_from_json({}) is None
+    back = evaluate.EvalResult(
+        blown.accs, **pipeline._health_from_json(pipeline._health_json(blown))
+    )
+    np.testing.assert_array_equal(back.diverged, [True, True])
+    assert back.num_diverged == 2 and back.num_collapsed == 0  # diverged, not counted twice
+    assert pipeline._health_from_json({}) == {"diverged": None, "collapsed": None}
+
+
+def test_evaluation_flags_networks_that_predict_one_class(monkeypatch):
+    from satm_jax import evaluate
+    from satm_jax.experiment import pipeline
+
+    net, x, y, _, _ = tiny_eval_problem(1)
+    cfg = evaluate.EvalConfig(epochs=10, num_models=2, dsa_strategy="none")
+    # Tested on its training images, which both networks fit: no collapse.
+    fine = evaluate.evaluate_set(net, x, y, 0.05, x, y, cfg, progress=False)
+    np.testing.assert_array_equal(fine.accs, [1.0, 1.0])
+    np.testing.assert_array_equal(fine.collapsed, [False, False])
+    # Class 1's logit pushed far up: finite weights, every test image predicted as class 1.
+    real = evaluate.train_lib.make_predict
+
+    def biased(model, batch_size=1000):
+        predict = real(model, batch_size)
+
+        def run(params, stats, images):
+            logits = predict(params, stats, images)
+            return logits.at[:, 1].add(1e6)
+
+        return run
+
+    monkeypatch.setattr(evaluate.train_lib, "make_predict", biased)
+    one = evaluate.evaluate_set(net, x, y, 0.05, x, y, cfg, progress=False)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(one.collapsed, [True, True])
+    np.testing.assert_allclose(one.accs, [2 / 6, 2 / 6])  # the two images of class 1
+    assert one.num_collapsed == 2 and one.num_diverged == 0
+    assert "WARNING: 2 of 2 networks predict one class" in one.summary()
+    assert pipeline._row("mtt", 1, one)["collapsed"] == 2
 
 
 def test_diverged_networks_looks_at_each_network_and_its_batch_statistics():

@@ -642,8 +642,8 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """Rows per (method, stage): mean and std (percent, ``np.std``) over every class order's
     evaluation networks (``n`` of them). ``records`` hold ``method``, ``order``, ``stage`` and
-    ``accs`` (fractions), and optionally ``diverged`` (networks whose training diverged; a row
-    with any has ``"diverged"``, their total)."""
+    ``accs`` (fractions), and optionally ``diverged`` / ``collapsed`` (networks whose training
+    diverged / that predict one class: ``EvalResult``); a row with any has their total)."""
     rows = []
     for m in methods:
         stages = sorted({r["stage"] for r in records if r["method"] == m})
@@ -663,9 +663,10 @@ def summarize(
                     "accs": [round(100.0 * float(a), 4) for a in accs],
                 }
             )
-            num_diverged = sum(int(r.get("diverged", 0)) for r in rs)
-            if num_diverged:
-                rows[-1]["diverged"] = num_diverged
+            for flag in ("diverged", "collapsed"):
+                count = sum(int(r.get(flag, 0)) for r in rs)
+                if count:
+                    rows[-1][flag] = count
     return rows
 
 
@@ -964,7 +965,7 @@ def run_continual(
                 cached = result_cache.load(rpath, rkey)
                 if cached is not None:
                     accs = np.asarray(cached["accs"], np.float64)
-                    num_diverged = int(cached.get("diverged", 0))
+                    health = {k: int(cached.get(k, 0)) for k in ("diverged", "collapsed")}
                     log(f"{where}: evaluation reused from {rpath}")
                 else:
                     x, y = memory_union(memories[m])
@@ -981,13 +982,13 @@ def run_continual(
                         desc=f"eval {m} order{order_seed} stage{k}",
                     )
                     accs = np.asarray(res.accs, np.float64)
-                    num_diverged = res.num_diverged
+                    health = {"diverged": res.num_diverged, "collapsed": res.num_collapsed}
                     result_cache.store(
                         rpath,
                         rkey,
                         {
                             "accs": accs.tolist(),
-                            "diverged": num_diverged,
+                            **health,
                             "memory_size": int(len(y)),
                             "num_test": int(len(test_idx)),
                         },
@@ -1002,7 +1003,7 @@ def run_continual(
                         "order": int(order_seed),
                         "stage": k,
                         "accs": accs,
-                        "diverged": num_diverged,
+                        **health,
                     }
                 )
             output(final=False)

@@ -316,6 +316,8 @@ def _row(
     }
     if result.num_diverged:
         row["diverged"] = result.num_diverged
+    if result.num_collapsed:
+        row["collapsed"] = result.num_collapsed
     if ood is not None and result.extra:
         row["ood"] = ood_lib.summarise(result.extra, ood)
     return row
@@ -585,7 +587,7 @@ def distill_and_evaluate(
             "acc_mean": res.mean,
             "acc_std": res.std,
             "accs": res.accs.tolist(),
-            **_diverged_json(res),
+            **_health_json(res),
         }
         if final:
             evals[str(it)].update(ood=ood_id, ood_accs=ood_lib.accs_to_json(res.extra))
@@ -665,7 +667,7 @@ def distill_and_evaluate(
             return evaluate_lib.EvalResult(
                 np.asarray(ev["accs"]),
                 ood_lib.accs_from_json(ev.get("ood_accs", {})),
-                _diverged_from_json(ev),
+                **_health_from_json(ev),
             )
         return None
 
@@ -893,24 +895,30 @@ def _cached_baseline(
         return evaluate_lib.EvalResult(
             np.asarray(cached["accs"]),
             ood_lib.accs_from_json(cached.get("ood_accs", {})),
-            _diverged_from_json(cached),
+            **_health_from_json(cached),
         )
     res = compute()
-    out: dict[str, Any] = {"accs": res.accs.tolist(), **_diverged_json(res)}
+    out: dict[str, Any] = {"accs": res.accs.tolist(), **_health_json(res)}
     if res.extra:
         out["ood_accs"] = ood_lib.accs_to_json(res.extra)
     result_cache.store(path, key, out)
     return res
 
 
-def _diverged_json(res: evaluate_lib.EvalResult) -> dict[str, Any]:
-    """``{"diverged": [bool per network]}`` for a stored evaluation (empty where unknown)."""
-    return {} if res.diverged is None else {"diverged": [bool(d) for d in res.diverged]}
+_HEALTH = ("diverged", "collapsed")  # EvalResult's per-network flags, stored by name
 
 
-def _diverged_from_json(doc: dict[str, Any]) -> np.ndarray | None:
-    """The per-network divergence flags of a stored evaluation (``None``: not recorded)."""
-    return np.asarray(doc["diverged"], bool) if "diverged" in doc else None
+def _health_json(res: evaluate_lib.EvalResult) -> dict[str, Any]:
+    """``{"diverged": [bool per network], "collapsed": [...]}`` for a stored evaluation
+    (the flags that are known)."""
+    flags = {name: getattr(res, name) for name in _HEALTH}
+    return {name: [bool(v) for v in f] for name, f in flags.items() if f is not None}
+
+
+def _health_from_json(doc: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    """The per-network flags of a stored evaluation as ``EvalResult`` keyword arguments
+    (``None``: not recorded)."""
+    return {name: np.asarray(doc[name], bool) if name in doc else None for name in _HEALTH}
 
 
 def _legacy_baseline(doc: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
