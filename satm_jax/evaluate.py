@@ -112,8 +112,8 @@ class EvalResult(NamedTuple):
         return float(100.0 * np.std(self.accs))
 
     def summary(self) -> str:
-        """``"mean +- std"``, with a warning when networks diverged."""
-        text = f"{self.mean:.2f} +- {self.std:.2f}"
+        """``"mean +- std %"``, with a warning when networks diverged or collapsed."""
+        text = f"{self.mean:.2f} +- {self.std:.2f} %"
         if self.num_diverged:
             text += (
                 f" (WARNING: {self.num_diverged} of {len(self.accs)} networks diverged: "

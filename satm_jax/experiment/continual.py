@@ -995,7 +995,7 @@ def run_continual(
                     )
                     log(
                         f"{where}: memory {len(y)} images, {len(seen)} classes seen: "
-                        f"{res.summary()} % ({len(accs)} nets)"
+                        f"{res.summary()} ({len(accs)} nets)"
                     )
                 records.append(
                     {

@@ -484,7 +484,7 @@ def evaluate_final_set(
                 **({"variant": cfg.variant} if cfg.variant else {}),
             )
         )
-        log(f"{cfg.name} [{name}]{log_note}: {res.summary()} %")
+        log(f"{cfg.name} [{name}]{log_note}: {res.summary()}")
     return rows
 
 
@@ -595,7 +595,7 @@ def distill_and_evaluate(
         metrics_log.scalar(it, "eval/acc_mean", res.mean)
         outputs_lib.save_synthetic_grid(rundir, cfg, data, x, y, it)
         outputs_lib.plot_run(rundir, cfg)
-        log(f"{cfg.name} iteration {it}: {res.summary()} % ({cfg.eval.num_models} nets)")
+        log(f"{cfg.name} iteration {it}: {res.summary()} ({cfg.eval.num_models} nets)")
 
     t0 = time.time()
     if int(state.iteration) < cfg.distill.iterations:
@@ -1025,7 +1025,7 @@ def train_and_evaluate(
                 f"random ipc{cfg.ipc}",
             )
             rows.append(_row("random", cfg.ipc, res, ood, model="convnet", reduced=cfg.reduced))
-            log(f"random real images, ipc {cfg.ipc}: {res.summary()} %")
+            log(f"random real images, ipc {cfg.ipc}: {res.summary()}")
             write_results()
         edir = expert_dir(workdir, cfg, data)
         if edir not in stores:  # runs with the same expert configuration share the store
@@ -1062,7 +1062,7 @@ def train_and_evaluate(
                 reduced=cfg.reduced,
             )
         )
-        log(f"full training set ({cfg.full_epochs} epochs): {res.summary()} %")
+        log(f"full training set ({cfg.full_epochs} epochs): {res.summary()}")
     out = write_results()
     log(outputs_lib.format_table(out))
     return out
