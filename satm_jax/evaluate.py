@@ -37,6 +37,7 @@ from satm_jax import train as train_lib
 
 Array = jax.Array
 
+HEALTH_FLAGS = ("diverged", "collapsed")  # EvalResult's per-network flags, by field name
 PREDICT_CHUNK = 500  # test images per jit call when the evaluated networks are tested
 
 
@@ -110,6 +111,10 @@ class EvalResult(NamedTuple):
     def std(self) -> float:
         """Standard deviation (population, as ``np.std``) in percent."""
         return float(100.0 * np.std(self.accs))
+
+    def health_counts(self) -> dict[str, int]:
+        """``{flag: how many networks}`` for every flag of ``HEALTH_FLAGS``."""
+        return {flag: getattr(self, f"num_{flag}") for flag in HEALTH_FLAGS}
 
     def summary(self) -> str:
         """``"mean +- std %"``, with a warning when networks diverged or collapsed."""
@@ -229,14 +234,14 @@ def evaluate_set(
             axis=1,
         )
 
-    def test(x, y) -> np.ndarray:
-        return np.asarray(jax.vmap(train_lib.accuracy, (0, None))(logits_of(x), jnp.asarray(y)))
+    def accuracy(logits, y) -> np.ndarray:
+        return np.asarray(jax.vmap(train_lib.accuracy, (0, None))(logits, jnp.asarray(y)))
 
     logits = logits_of(test_images)
-    accs = np.asarray(jax.vmap(train_lib.accuracy, (0, None))(logits, jnp.asarray(test_labels)))
+    accs = accuracy(logits, test_labels)
     predicted = np.asarray(jnp.argmax(logits, -1))
     collapsed = np.all(predicted == predicted[:, :1], axis=1)
-    extra = {k: test(x, y) for k, (x, y) in (extra_tests or {}).items()}
+    extra = {k: accuracy(logits_of(x), y) for k, (x, y) in (extra_tests or {}).items()}
     return EvalResult(
         accs,
         types.MappingProxyType(extra),

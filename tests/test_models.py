@@ -126,7 +126,6 @@ def test_unknown_model_and_norm_are_refused():
         model_registry.build_model(model_registry.ModelConfig(norm="layer"), 10)
 
 
-@pytest.mark.slow
 def test_evaluation_flags_networks_whose_training_diverged():
     from satm_jax import evaluate
     from satm_jax.experiment import pipeline
@@ -197,6 +196,7 @@ def test_diverged_networks_looks_at_each_network_and_its_batch_statistics():
     np.testing.assert_array_equal(evaluate.diverged_networks(state), [True, True])
 
 
+@pytest.mark.slow
 def test_evaluation_tests_in_chunks_with_the_same_accuracy(monkeypatch):
     from satm_jax import evaluate
 

@@ -663,7 +663,7 @@ def summarize(
                     "accs": [round(100.0 * float(a), 4) for a in accs],
                 }
             )
-            for flag in ("diverged", "collapsed"):
+            for flag in evaluate_lib.HEALTH_FLAGS:
                 count = sum(int(r.get(flag, 0)) for r in rs)
                 if count:
                     rows[-1][flag] = count
@@ -965,7 +965,7 @@ def run_continual(
                 cached = result_cache.load(rpath, rkey)
                 if cached is not None:
                     accs = np.asarray(cached["accs"], np.float64)
-                    health = {k: int(cached.get(k, 0)) for k in ("diverged", "collapsed")}
+                    health = {k: int(cached.get(k, 0)) for k in evaluate_lib.HEALTH_FLAGS}
                     log(f"{where}: evaluation reused from {rpath}")
                 else:
                     x, y = memory_union(memories[m])
@@ -982,7 +982,7 @@ def run_continual(
                         desc=f"eval {m} order{order_seed} stage{k}",
                     )
                     accs = np.asarray(res.accs, np.float64)
-                    health = {"diverged": res.num_diverged, "collapsed": res.num_collapsed}
+                    health = res.health_counts()
                     result_cache.store(
                         rpath,
                         rkey,

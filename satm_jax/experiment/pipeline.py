@@ -314,10 +314,7 @@ def _row(
         "accs": [round(100.0 * float(a), 4) for a in result.accs],
         **extra,
     }
-    if result.num_diverged:
-        row["diverged"] = result.num_diverged
-    if result.num_collapsed:
-        row["collapsed"] = result.num_collapsed
+    row.update({flag: n for flag, n in result.health_counts().items() if n})
     if ood is not None and result.extra:
         row["ood"] = ood_lib.summarise(result.extra, ood)
     return row
@@ -905,20 +902,20 @@ def _cached_baseline(
     return res
 
 
-_HEALTH = ("diverged", "collapsed")  # EvalResult's per-network flags, stored by name
-
-
 def _health_json(res: evaluate_lib.EvalResult) -> dict[str, Any]:
     """``{"diverged": [bool per network], "collapsed": [...]}`` for a stored evaluation
     (the flags that are known)."""
-    flags = {name: getattr(res, name) for name in _HEALTH}
+    flags = {name: getattr(res, name) for name in evaluate_lib.HEALTH_FLAGS}
     return {name: [bool(v) for v in f] for name, f in flags.items() if f is not None}
 
 
 def _health_from_json(doc: dict[str, Any]) -> dict[str, np.ndarray | None]:
     """The per-network flags of a stored evaluation as ``EvalResult`` keyword arguments
     (``None``: not recorded)."""
-    return {name: np.asarray(doc[name], bool) if name in doc else None for name in _HEALTH}
+    return {
+        name: np.asarray(doc[name], bool) if name in doc else None
+        for name in evaluate_lib.HEALTH_FLAGS
+    }
 
 
 def _legacy_baseline(doc: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
