@@ -10,7 +10,7 @@ import satm_jax
 from experiments import run as run_lib
 from satm_jax import datasets, expert_store
 from satm_jax.experiment import configs, pipeline
-from tests.helpers import TINY, read_json, read_text, run_module
+from tests.helpers import TINY, read_json, read_text, run_module, tiny_overrides
 
 
 @pytest.mark.slow
@@ -101,6 +101,7 @@ def test_added_fields_are_left_out_at_their_implied_value_so_older_run_folders_m
     plain = configs.make_run_config("digits", 1, "mtt")
     assert "init" not in plain.to_dict()["distill"]
     assert configs.run_config_from_dict(plain.to_dict()) == plain
+    assert "eval_model_lr" not in plain.to_dict()  # a field added at the top level
     herd = configs.make_run_config("digits", 1, "mtt", overrides={"syn_init": "herding"})
     assert herd.to_dict()["distill"]["init"] == "herding"
     assert configs.run_config_from_dict(json.loads(json.dumps(herd.to_dict()))) == herd
@@ -248,6 +249,76 @@ def test_a_network_too_deep_for_the_images_stops_before_any_training(tmp_path, d
     monkeypatch.setattr(evaluate_lib, "evaluate_set", no_training)
     with pytest.raises(configs.ConfigError, match="vgg11 network cannot take"):
         pipeline.evaluate_distilled(path, eval_models=("convnet", "vgg11"), progress=False)
+
+
+def test_eval_model_lr_parses_pairs_and_refuses_bad_ones():
+    parse = configs.parse_eval_model_lr
+    assert parse("") == {}
+    assert parse("alexnet:0.01, resnet18:2e-2") == {"alexnet": 0.01, "resnet18": 0.02}
+    for bad, message in [
+        ("alexnet", "not <network>:<positive step size>"),
+        ("alexnet:0", "not <network>:<positive step size>"),
+        ("alexnet:nan", "not <network>:<positive step size>"),
+        ("alexnet:fast", "not <network>:<positive step size>"),
+        ("alexnett:0.01", r"unknown network\(s\) \['alexnett'\]"),
+        ("alexnet:0.01,alexnet:0.02", "named twice"),
+    ]:
+        with pytest.raises(configs.ConfigError, match=message):
+            parse(bad)
+    # A step size for a network the run does not evaluate does nothing: refused.
+    with pytest.raises(configs.ConfigError, match="which --eval_models does not evaluate"):
+        configs.make_run_config("digits", 1, "mtt", overrides={"eval_model_lr": "alexnet:0.01"})
+    cfg = configs.make_run_config(
+        "digits",
+        1,
+        "mtt",
+        overrides={"eval_models": ("convnet", "alexnet"), "eval_model_lr": "alexnet:0.01"},
+    )
+    assert cfg.to_dict()["eval_model_lr"] == "alexnet:0.01"
+    assert configs.run_config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_eval_model_lr_trains_those_networks_at_their_own_step_size(tmp_path, digits, monkeypatch):
+    from satm_jax import evaluate as evaluate_lib
+
+    steps = []
+
+    def fake_evaluate_set(model, images, labels, step, *args, desc="", **kwargs):
+        steps.append((desc, round(float(step), 6)))
+        return evaluate_lib.EvalResult(np.asarray([0.5]))
+
+    monkeypatch.setattr(evaluate_lib, "evaluate_set", fake_evaluate_set)
+    over = tiny_overrides(eval_models=("convnet", "alexnet"), eval_model_lr="alexnet:0.5")
+    cfg = configs.make_run_config("digits", 1, "mtt", overrides=over)
+    wd = str(tmp_path)
+    out = pipeline.train_and_evaluate([cfg], wd, dataset=digits, progress=False, log=[].append)
+    run = {r["model"]: r for r in out["results"] if r["method"] == "mtt"}
+    learned = round(run["convnet"]["syn_lr"], 6)
+    assert learned != 0.5
+    # (The ConvNet's final evaluation is the run's evaluation at its last iteration.)
+    mtt = {d.rsplit(" ", 1)[1]: s for d, s in steps if d.startswith("eval digits_ipc1_mtt")}
+    assert mtt == {"it3": learned, "alexnet": 0.5}
+    assert run["alexnet"]["eval_lr"] == 0.5 and "eval_lr" not in run["convnet"]
+    # Another step size later: the checkpoint resumes (no distillation again) and only the
+    # evaluation is redone, at the new step size.
+    steps.clear()
+    cfg2 = configs.make_run_config(
+        "digits", 1, "mtt", overrides={**over, "eval_model_lr": "alexnet:0.25"}
+    )
+    logs = []
+    out2 = pipeline.train_and_evaluate([cfg2], wd, dataset=digits, progress=False, log=logs.append)
+    assert not any("distilling" in m for m in logs), logs
+    assert ("eval digits_ipc1_mtt alexnet", 0.25) in steps
+    assert [r.get("eval_lr") for r in out2["results"] if r["method"] == "mtt"] == [None, 0.25]
+    # The saved set evaluated again: the run's own step sizes, unless --lr names one for all.
+    npz = os.path.join(wd, "runs", cfg.name, "distilled.npz")
+    rows = pipeline.evaluate_distilled(npz, progress=False, log=[].append)
+    assert [(r["model"], round(r["lr"], 6)) for r in rows] == [
+        ("convnet", learned),
+        ("alexnet", 0.25),
+    ]
+    rows = pipeline.evaluate_distilled(npz, lr=0.125, progress=False, log=[].append)
+    assert [r["lr"] for r in rows] == [0.125, 0.125] and not any("eval_lr" in r for r in rows)
 
 
 def test_runs_reuse_a_store_trained_for_more_epochs(tmp_path, digits):

@@ -53,6 +53,7 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
     # Earlier runs differentiated reverse-over-reverse: the same gradient to rounding as
     # "auto", so their folders are reused as "auto" runs.
     ("distill", "second_order"): "auto",
+    ("run", "eval_model_lr"): "",
 }
 
 
@@ -73,6 +74,9 @@ class RunConfig:
       distill: the outer loop.
       eval: the evaluation protocol.
       eval_models: networks to evaluate the final set on (cross-architecture).
+      eval_model_lr: step sizes that replace the learned one for some evaluation networks,
+        e.g. ``"alexnet:0.01,resnet18:0.01"`` (``""``: every network trains at the learned
+        step size, as MTT evaluates).
       full_epochs: epochs of the full-training-set baseline.
       eval_every: evaluate the synthetic set every this many iterations (0: only at the end).
       checkpoint_every: checkpoint the distillation state every this many iterations.
@@ -92,6 +96,7 @@ class RunConfig:
     distill: DistillConfig
     eval: EvalConfig
     eval_models: tuple[str, ...] = ("convnet",)
+    eval_model_lr: str = ""
     full_epochs: int = 50
     eval_every: int = 0
     checkpoint_every: int = 100
@@ -104,8 +109,9 @@ class RunConfig:
         them back in from the defaults)."""
         d = dataclasses.asdict(self)
         for (section, name), implied in ADDED_FIELDS.items():
-            if d[section].get(name, implied) == implied:
-                d[section].pop(name, None)
+            where = d if section == "run" else d[section]
+            if where.get(name, implied) == implied:
+                where.pop(name, None)
         return d
 
     @property
@@ -153,6 +159,34 @@ def check_eval_models(names: Any) -> tuple[str, ...]:
             f"eval_models: unknown network(s) {unknown}; choose from {sorted(model_registry.MODELS)}"
         )
     return names
+
+
+def parse_eval_model_lr(spec: str) -> dict[str, float]:
+    """``"alexnet:0.01,resnet18:0.02"`` -> ``{"alexnet": 0.01, "resnet18": 0.02}`` (``""`` ->
+    ``{}``): the evaluation networks' own step sizes (``RunConfig.eval_model_lr``).
+
+    Raises:
+      ConfigError: not ``name:step`` pairs, an unknown network, a step that is not a positive
+        number, or a network named twice.
+    """
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition(":")
+        try:
+            step = float(value) if sep else float("nan")
+        except ValueError:
+            step = float("nan")
+        if not (step > 0 and math.isfinite(step)):
+            raise ConfigError(
+                f"eval_model_lr: {item!r} is not <network>:<positive step size>, e.g. alexnet:0.01"
+            )
+        check_eval_models((name,))
+        if name in out:
+            raise ConfigError(f"eval_model_lr: {name!r} is named twice")
+        out[name] = step
+    return out
 
 
 def _digits_preset(ipc: int) -> Preset:
@@ -504,6 +538,7 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "checkpoint_every": ("run", "checkpoint_every"),
     "full_epochs": ("run", "full_epochs"),
     "eval_models": ("run", "eval_models"),
+    "eval_model_lr": ("run", "eval_model_lr"),
 }
 # The smallest value of each integer setting that has one (checked by ``make_run_config``
 # before anything is trained; ``None`` where allowed means "the default rule"). A ConvNet of
@@ -527,7 +562,14 @@ _FLAG_OF = {where: flag for flag, where in OVERRIDES.items()}
 
 # Fields whose change does not change what a resumed run computes ("variant" is only the label
 # an ablation gives a run: its "mtt" and "satm" variants are the plain runs of the same folder).
-RESUMABLE_CHANGES = ("iterations", "eval_every", "checkpoint_every", "eval_models", "variant")
+RESUMABLE_CHANGES = (
+    "iterations",
+    "eval_every",
+    "checkpoint_every",
+    "eval_models",
+    "eval_model_lr",
+    "variant",
+)
 
 # The dataclass behind each section of ``OVERRIDES`` (its field docs are the flags' help).
 SECTIONS: dict[str, type] = {
@@ -620,6 +662,7 @@ def make_run_config(
         "checkpoint_every": 100,
         "full_epochs": p.full_epochs,
         "eval_models": ("convnet",),
+        "eval_model_lr": "",
     }
     syn_steps = overrides.get("syn_steps", p.distill.syn_steps)
     sections["distill"] = dataclasses.replace(
@@ -675,6 +718,15 @@ def make_run_config(
     for flag, inactive, needs in conflicts:
         if flag in overrides and inactive:
             raise ConfigError(f"--{flag} has no effect without {needs}")
+    unused = sorted(
+        set(parse_eval_model_lr(run_fields.get("eval_model_lr", "")))
+        - set(run_fields["eval_models"])
+    )
+    if unused:
+        raise ConfigError(
+            f"--eval_model_lr names {unused}, which --eval_models does not evaluate "
+            f"({', '.join(run_fields['eval_models'])})"
+        )
     if sections["experts"].sharpness not in ("none", "sam", "asam", "gsam"):
         raise ConfigError(
             f"expert sharpness must be none, sam, asam or gsam, got {sections['experts'].sharpness!r}"

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -447,21 +447,27 @@ def evaluate_final_set(
     progress: bool = True,
     log: Log = _print,
     log_note: str = "",
+    lr_for: Mapping[str, float] | None = None,
     **row_extra: Any,
 ) -> list[dict[str, Any]]:
     """One results row per evaluation network in ``names``: fresh networks trained on
     ``(images, labels)`` at step size ``step`` with ``cfg.eval`` (evaluation key
     ``key_for(name)``; ``reuse(name)``'s result instead where it has one), tested on the test
-    split and on ``ood``'s corrupted sets. Rows carry ``row_extra`` and the run's variant."""
+    split and on ``ood``'s corrupted sets. Rows carry ``row_extra`` and the run's variant.
+
+    ``lr_for`` gives some networks their own step size instead of ``step`` (never a reused
+    result: ``reuse`` is not asked for them); their rows get ``"eval_lr"``."""
+    lr_for = dict(lr_for or {})
     rows = []
     for name in names:
-        res = reuse(name)
+        own = {"eval_lr": lr_for[name]} if name in lr_for else {}
+        res = None if own else reuse(name)
         if res is None:
             res = evaluate_lib.evaluate_set(
                 eval_model(cfg, name, data.num_classes),
                 images,
                 labels,
-                step,
+                own.get("eval_lr", step),
                 data.test_x,
                 data.test_y,
                 cfg.eval,
@@ -478,10 +484,12 @@ def evaluate_final_set(
                 ood,
                 model=name,
                 **row_extra,
+                **own,
                 **({"variant": cfg.variant} if cfg.variant else {}),
             )
         )
-        log(f"{cfg.name} [{name}]{log_note}: {res.summary()}")
+        note = f" lr {own['eval_lr']:.4g}" if own else log_note
+        log(f"{cfg.name} [{name}]{note}: {res.summary()}")
     return rows
 
 
@@ -686,6 +694,7 @@ def distill_and_evaluate(
         ood=ood,
         progress=progress,
         log=log,
+        lr_for=configs_lib.parse_eval_model_lr(cfg.eval_model_lr),
         syn_lr=float(state.syn_lr),
         distill_s=round(distill_s, 1),
         nonfinite=int(state.num_nonfinite),
@@ -791,6 +800,8 @@ def evaluate_distilled(
     ``lr`` replaces the learned step size (e.g. to separate the images' quality from the step
     size they were distilled with), ``eval_models`` adds other architectures, ``width`` sets the
     evaluation ConvNet's width (e.g. the published 128 for a set distilled with a narrower one).
+    Without ``lr`` the networks the run gave their own step size (``RunConfig.eval_model_lr``)
+    train at it; with ``lr`` every network does.
 
     Returns:
       One results row per evaluation network (as in ``results.json``), with ``lr`` and ``path``.
@@ -841,7 +852,7 @@ def evaluate_distilled(
     labels = distill_lib.label_targets(jnp.asarray(d["labels"]), d["soft_labels"])
     step = float(d["syn_lr"]) if lr is None else float(lr)
     it = int(d.get("iteration", 0))
-    return evaluate_final_set(
+    rows = evaluate_final_set(
         cfg,
         data,
         images,
@@ -854,12 +865,17 @@ def evaluate_distilled(
         progress=progress,
         log=log,
         log_note=f" lr {step:.4g}",
+        # The run's own step sizes per network, unless ``lr`` names one for all.
+        lr_for=configs_lib.parse_eval_model_lr(cfg.eval_model_lr) if lr is None else None,
         lr=step,
         path=path,
         reduced=cfg.reduced,
         eval_width=ecfg.width or cfg.model.width,
         eval_epochs=ecfg.epochs,
     )
+    for row in rows:  # "lr": the step size each row's networks trained at
+        row["lr"] = row.get("eval_lr", row["lr"])
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
