@@ -6,7 +6,10 @@ Every point is one ``experiments.run`` configuration per seed, in its own folder
 finished points are reused, so a killed study resumes. Points: ``mtt``, ``mtt_tuh`` (MTT with
 ``K = ceil(N/3)``), and ``satm_<ball>_r<rho>`` for every radius and ball, the radius relative to
 the set's norm by default (``--rho_scale``). Any flag of ``experiments.run`` applies to every
-point; ``--flatness`` is always on (its ``--flatness_*`` flags apply).
+point; ``--flatness`` is always on (its ``--flatness_*`` flags apply). With
+``--eval_models=convnet,alexnet`` (and ``--eval_model_lr=alexnet:0.01`` for a network that
+does not train at the learned step size) every set is also evaluated on the other networks,
+reported in a second table with the paired difference to MTT's set.
 
 Example (digits, one seed, 2-core CPU; docs/SHARPNESS.md has the measured figures)::
 
@@ -35,6 +38,7 @@ from experiments import (
 )
 from experiments import run as run_lib
 from satm_jax import jsonio
+from satm_jax.evaluate import HEALTH_FLAGS as HEALTH
 from satm_jax.experiment import configs as configs_lib
 
 FLAGS = flags.FLAGS
@@ -145,13 +149,24 @@ def run_study(
             log=log,
             flatness=flatness_cfg,
         )
-        row = dict(out["results"][0], point=name, seed=s)
+        row = dict(_main_row(out["results"], cfg.model.name), point=name, seed=s)
+        others = {r["model"]: r for r in out["results"] if r.get("model") != row.get("model")}
+        if others:  # --eval_models: the other networks' accuracy on the same set
+            row["xarch"] = {
+                m: {k: r[k] for k in ("acc_mean", "acc_std", "eval_lr", *HEALTH) if k in r}
+                for m, r in others.items()
+            }
         metrics = outputs.read_metrics(os.path.join(pdir, "runs", cfg.name))
         sharp = [m["sharpness"] for m in metrics if "sharpness" in m]
         if sharp:  # the run's own per-iteration sharpness, mean over its last tenth
             row["sharpness_last_tenth"] = float(np.mean(sharp[-max(1, len(sharp) // 10) :]))
         rows.append(row)
     return {"rows": rows, "points": aggregate(rows)}
+
+
+def _main_row(rows: list[dict], model: str) -> dict:
+    """The row of the distillation network (the first row if it was not evaluated)."""
+    return next((r for r in rows if r.get("model") == model), rows[0])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -180,6 +195,26 @@ def aggregate(rows: list[dict]) -> list[dict]:
         if sh:
             entry["sharpness_last_tenth"] = float(np.mean(sh))
         entry["distill_s"] = float(np.mean([r.get("distill_s", np.nan) for r in rs]))
+        xarch = {}
+        for m in dict.fromkeys(m for r in rs for m in r.get("xarch", {})):
+            accs = {r["seed"]: r["xarch"][m]["acc_mean"] for r in rs if m in r.get("xarch", {})}
+            x = dict(zip(("acc_mean", "acc_std"), _mean_std(list(accs.values()))))
+            x["seeds"] = len(accs)
+            ref = {
+                r["seed"]: r["xarch"][m]["acc_mean"]
+                for r in rows
+                if r["point"] == "mtt" and m in r.get("xarch", {})
+            }
+            paired = [a - ref[seed] for seed, a in accs.items() if seed in ref]
+            if paired and name != "mtt":
+                x["vs_mtt_mean"], x["vs_mtt_std"] = _mean_std(paired)
+            for flag in HEALTH:
+                n = sum(r["xarch"][m].get(flag, 0) for r in rs if m in r.get("xarch", {}))
+                if n:
+                    x[flag] = n
+            xarch[m] = x
+        if xarch:
+            entry["xarch"] = xarch
         out.append(entry)
     return out
 
@@ -232,6 +267,26 @@ def format_markdown(study: dict, command: str, wall_s: float) -> str:
             f"{e['distill_s']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    xarch = [(e["point"], m, x) for e in study["points"] for m, x in e.get("xarch", {}).items()]
+    if xarch:
+        lines += [
+            "",
+            "Other networks (`--eval_models`) trained on the same sets: accuracy over seeds, "
+            "paired difference to MTT's set at the same seed, networks flagged diverged or "
+            "collapsed.",
+            "",
+            "| point | network | seeds | accuracy | vs MTT | flagged |",
+            "|---|---|---|---|---|---|",
+        ]
+        for point, m, x in xarch:
+            vs = "-"
+            if "vs_mtt_mean" in x:
+                vs = f"{x['vs_mtt_mean']:+.2f} +- {x['vs_mtt_std']:.2f}"
+            flagged = ", ".join(f"{x[f]} {f}" for f in HEALTH if x.get(f)) or "-"
+            lines.append(
+                f"| {point} | {m} | {x['seeds']} | {x['acc_mean']:.2f} +- {x['acc_std']:.2f} "
+                f"| {vs} | {flagged} |"
+            )
     return "\n".join(lines) + "\n"
 
 

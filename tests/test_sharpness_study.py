@@ -55,12 +55,49 @@ def test_aggregate_pairs_each_seed_with_mtt_at_the_same_seed():
     assert "hessian_top_eig_scaled" not in satm and "| 0.2 +- 0.1414 | 1 | - |" in md
 
 
+def test_other_networks_are_aggregated_per_network_and_paired_with_mtt():
+    def row(point, seed, acc, alex, **flags):
+        return {
+            "point": point,
+            "seed": seed,
+            "acc_mean": acc,
+            "distill_s": 1,
+            "xarch": {"alexnet": {"acc_mean": alex, "acc_std": 1.0, **flags}},
+        }
+
+    rows = [
+        row("mtt", 0, 70.0, 60.0),
+        row("mtt", 1, 72.0, 64.0),
+        row("satm_global_r0.1", 0, 71.0, 58.0, collapsed=1),
+        row("satm_global_r0.1", 1, 72.0, 61.0),
+    ]
+    mtt, satm = study_lib.aggregate(rows)
+    assert mtt["xarch"]["alexnet"]["acc_mean"] == pytest.approx(62.0)
+    assert "vs_mtt_mean" not in mtt["xarch"]["alexnet"]
+    x = satm["xarch"]["alexnet"]
+    assert x["acc_mean"] == pytest.approx(59.5) and x["seeds"] == 2
+    assert x["vs_mtt_mean"] == pytest.approx(-2.5)  # (-2, -3)
+    assert x["vs_mtt_std"] == pytest.approx(0.5**0.5) and x["collapsed"] == 1
+    md = study_lib.format_markdown({"points": [mtt, satm]}, "cmd", 1.0)
+    assert "| satm_global_r0.1 | alexnet | 2 | 59.50 +- 2.12 | -2.50 +- 0.71 | 1 collapsed |" in md
+    assert "| mtt | alexnet | 2 | 62.00 +- 2.83 | - | - |" in md
+    # The main row is the distillation network's, wherever --eval_models lists it.
+    assert study_lib._main_row([{"model": "alexnet"}, {"model": "convnet"}], "convnet") == {
+        "model": "convnet"
+    }
+
+
 @pytest.mark.slow
 def test_a_tiny_study_runs_reports_and_resumes(tmp_path, digits, monkeypatch):
     from satm_jax import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda name, data_dir=None: digits)
-    tiny = tiny_overrides(iterations=2, steps_per_call=2)
+    tiny = tiny_overrides(
+        iterations=2,
+        steps_per_call=2,
+        eval_models=("convnet", "alexnet"),
+        eval_model_lr="alexnet:0.02",
+    )
     flat = flatness.FlatnessConfig(heldout_experts=1, samples=1, ascent_steps=1, power_iterations=1)
     wd = str(tmp_path)
     args = ("digits", 1, "default", dict(tiny), None, [0.05], ["per_example"], [0], flat)
@@ -70,6 +107,10 @@ def test_a_tiny_study_runs_reports_and_resumes(tmp_path, digits, monkeypatch):
     study = study_lib.run_study(*args, wd, **kw)
     assert [r["point"] for r in study["rows"]] == ["mtt", "satm_perimg_r0.05"]
     assert all("flatness" in r for r in study["rows"])
+    # The distillation network's row, the other network's accuracy beside it.
+    assert all(r["model"] == "convnet" for r in study["rows"])
+    assert all(r["xarch"]["alexnet"]["eval_lr"] == 0.02 for r in study["rows"])
+    assert "xarch" in study["points"][1] and "vs_mtt_mean" in study["points"][1]["xarch"]["alexnet"]
     assert (
         "sharpness_last_tenth" in study["rows"][1]
         and "sharpness_last_tenth" not in study["rows"][0]
