@@ -178,6 +178,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Per point: accuracy over seeds (mean, sample std of the seeds' means), the paired
     difference to MTT at the same seed, and each flatness measure over seeds."""
     mtt = {r["seed"]: r["acc_mean"] for r in rows if r["point"] == "mtt"}
+    mtt_xarch = {
+        (m, r["seed"]): x["acc_mean"]
+        for r in rows
+        if r["point"] == "mtt"
+        for m, x in r.get("xarch", {}).items()
+    }
     out = []
     for name in dict.fromkeys(r["point"] for r in rows):
         rs = [r for r in rows if r["point"] == name]
@@ -197,19 +203,18 @@ def aggregate(rows: list[dict]) -> list[dict]:
         entry["distill_s"] = float(np.mean([r.get("distill_s", np.nan) for r in rs]))
         xarch = {}
         for m in dict.fromkeys(m for r in rs for m in r.get("xarch", {})):
-            accs = {r["seed"]: r["xarch"][m]["acc_mean"] for r in rs if m in r.get("xarch", {})}
-            x = dict(zip(("acc_mean", "acc_std"), _mean_std(list(accs.values()))))
-            x["seeds"] = len(accs)
-            ref = {
-                r["seed"]: r["xarch"][m]["acc_mean"]
-                for r in rows
-                if r["point"] == "mtt" and m in r.get("xarch", {})
-            }
-            paired = [a - ref[seed] for seed, a in accs.items() if seed in ref]
+            per_seed = {r["seed"]: r["xarch"][m] for r in rs if m in r.get("xarch", {})}
+            accs = [v["acc_mean"] for v in per_seed.values()]
+            x = dict(zip(("acc_mean", "acc_std"), _mean_std(accs)), seeds=len(per_seed))
+            paired = [
+                v["acc_mean"] - mtt_xarch[m, seed]
+                for seed, v in per_seed.items()
+                if (m, seed) in mtt_xarch
+            ]
             if paired and name != "mtt":
                 x["vs_mtt_mean"], x["vs_mtt_std"] = _mean_std(paired)
             for flag in HEALTH:
-                n = sum(r["xarch"][m].get(flag, 0) for r in rs if m in r.get("xarch", {}))
+                n = sum(v.get(flag, 0) for v in per_seed.values())
                 if n:
                     x[flag] = n
             xarch[m] = x

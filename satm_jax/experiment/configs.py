@@ -719,8 +719,7 @@ def make_run_config(
         if flag in overrides and inactive:
             raise ConfigError(f"--{flag} has no effect without {needs}")
     unused = sorted(
-        set(parse_eval_model_lr(run_fields.get("eval_model_lr", "")))
-        - set(run_fields["eval_models"])
+        set(parse_eval_model_lr(run_fields["eval_model_lr"])) - set(run_fields["eval_models"])
     )
     if unused:
         raise ConfigError(
